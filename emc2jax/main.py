@@ -30,6 +30,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # orbax and TFDS log every file they touch at INFO; keep the console for
+    # the progress bar unless the user asked for more (--verbosity=0).
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     from emc2jax import parallel
 
     parallel.initialize_distributed(

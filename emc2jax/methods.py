@@ -103,9 +103,6 @@ class Method(NamedTuple):
     init_sampler: Callable[[int, Any, int], PyTree]
     objective: Callable[[PyTree, Context], tuple[Array, ObjectiveOutput]]
     needs_table: bool
-    # True when every device evaluates the same global objective (scaled by
-    # 1/n, see _in_batch_objective): its value is psum-ed rather than pmean-ed.
-    replicated_objective: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -185,11 +182,13 @@ def _in_batch_objective(loss_fn: Callable[..., Array]):
     def objective(params, ctx: Context):
         z0, z1, _, model_state = _encode_views(params, ctx)
         gathered0, gathered1, *_ = _global_batch(ctx, z0, z1)
-        # Every device evaluates the same global loss from the gathered
-        # embeddings; with the reduce-scatter transpose each device's gradient
-        # is n times its share, and the pmean over n devices restores the mean.
+        # Every device evaluates the same global loss L from the gathered
+        # embeddings. The transpose of all_gather is a reduce-scatter that sums
+        # the n identical cotangents, so device k's gradient is n times the
+        # part of dL/dθ that flows through its own examples; the pmean of these
+        # over the n devices is exactly dL/dθ. So L is not divided by n
+        # (tests/test_train.py checks 8 devices against 1).
         value = jnp.mean(loss_fn(gathered0, gathered1, temperature=ctx.temperature))
-        value = value / _num_devices(ctx.axis_name)
         metrics = _monitoring(gathered0, gathered1, ctx.temperature)
         return value, ObjectiveOutput(model_state, ctx.sampler_state, metrics)
 
@@ -226,10 +225,13 @@ def _emc2_objective(params, ctx: Context):
     extra = [_views_by_index(ctx, carried_index, carried_aug)]
     uniform = cfg.proposals == "uniform"
     if uniform:
+        # One set of P candidates per example, shared by both anchor views: the
+        # chain's state must be a column of every view's segment (see
+        # emc2jax.samplers.emc2, "several views").
         b, p = ctx.example_index.shape[0], int(cfg.num_uniform_proposals)
         prop_index, prop_aug = emc2_sampler.uniform_proposals(
             jax.random.fold_in(ctx.key, 1),
-            jnp.repeat(ctx.example_index, 2),
+            ctx.example_index,
             num_examples=ctx.num_examples,
             num_augmentations=ctx.num_augmentations or _FRESH_AUG_RANGE,
             num_proposals=p,
@@ -241,10 +243,9 @@ def _emc2_objective(params, ctx: Context):
 
     anchors = jnp.stack([z0, z1], axis=1)  # (b, 2, D)
     if uniform:
-        candidates = extras[1].reshape(b, 2, p, -1)
-        sims = jnp.einsum("bvd,bvpd->bvp", anchors, candidates)
-        proposal_index = prop_index.reshape(b, 2, p)
-        proposal_aug = prop_aug.reshape(b, 2, p)
+        candidates = extras[1].reshape(b, p, -1)
+        sims = jnp.einsum("bvd,bpd->bvp", anchors, candidates)
+        proposal_index, proposal_aug = prop_index, prop_aug  # (b, P): same for both views
         proposal_mask = None
     else:
         sims = jnp.einsum("bvd,cd->bvc", anchors, columns)  # (b, 2, 2B)
@@ -385,7 +386,8 @@ def _clip_objective(params, ctx: Context):
     )
     metrics["clip_loss"] = lax.stop_gradient(value)
     output = ObjectiveOutput({"a": state_a, "b": state_b}, ctx.sampler_state, metrics)
-    return value / _num_devices(ctx.axis_name), output
+    # Same global loss on every device: no 1/n, see _in_batch_objective.
+    return value, output
 
 
 # ---------------------------------------------------------------------------
@@ -472,9 +474,9 @@ def _cache_init(num_examples: int, sampler_config: Any, embedding_dim: int) -> P
 
 
 METHODS: dict[str, Method] = {
-    "simclr": Method("simclr", _no_sampler, _in_batch_objective(losses.ntxent), False, True),
-    "dcl": Method("dcl", _no_sampler, _in_batch_objective(losses.dcl), False, True),
-    "clip": Method("clip", _no_sampler, _clip_objective, False, True),
+    "simclr": Method("simclr", _no_sampler, _in_batch_objective(losses.ntxent), False),
+    "dcl": Method("dcl", _no_sampler, _in_batch_objective(losses.dcl), False),
+    "clip": Method("clip", _no_sampler, _clip_objective, False),
     "emc2": Method("emc2", _emc2_init, _emc2_objective, True),
     "sogclr": Method("sogclr", _sogclr_init, _sogclr_objective, False),
     "embedding_cache": Method("embedding_cache", _cache_init, _cache_objective, True),

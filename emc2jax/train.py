@@ -83,6 +83,11 @@ def augmentation_config(config: ml_collections.ConfigDict, image_shape: tuple[in
     return AUGMENTATIONS[config.dataset.augmentation](size)
 
 
+def augment_key(config: ml_collections.ConfigDict) -> Array:
+    """The key every view derives from: view (i, a) uses ``fold_in(fold_in(k, i), a)``."""
+    return jax.random.fold_in(jax.random.key(config.seed), 0x5EED)
+
+
 def augmentation_ids(
     key: Array, step: Array, example_index: Array, num_augmentations: int
 ) -> Array:
@@ -127,7 +132,7 @@ def make_train_step(
     """
     method = get_method(config.method)
     seed_key = jax.random.key(config.seed)
-    augment_key = jax.random.fold_in(seed_key, 0x5EED)
+    views_key = augment_key(config)
     num_augmentations = int(config.dataset.num_augmentations)
     burn_in = 0
     if config.method == "emc2":
@@ -140,7 +145,7 @@ def make_train_step(
         return embeddings.projection, new_state
 
     def views_of(images, example_index, aug_id):
-        return augment.augment_views(augment_key, images, example_index, aug_id, augment_config)
+        return augment.augment_views(views_key, images, example_index, aug_id, augment_config)
 
     def step(state: TrainState, batch: dict[str, Array], table: Array | None):
         key = jax.random.fold_in(seed_key, state.step)
@@ -168,12 +173,10 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
-            "objective": lax.psum(value, axis_name)
-            if method.replicated_objective
-            else lax.pmean(value, axis_name),
+            "objective": lax.pmean(value, axis_name),
             "learning_rate": schedule(state.step),
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),  # optax.global_norm is deprecated
+            "param_norm": optax.tree.norm(params),
             **out.metrics,
         }
         new_state = TrainState(
@@ -319,13 +322,59 @@ def evaluate_model(
             train_x, train_y, test_x, test_y, ks=tuple(config.eval.knn_ks), num_classes=num_classes
         )
     )
+    results["knn_accuracy"] = results[f"knn/top1_k{config.eval.knn_ks[0]}"]
     if config.eval.linear_probe:
         results.update(
             evaluate.linear_probe(
                 train_x, train_y, test_x, test_y, num_classes=num_classes, seed=config.seed
             )
         )
+        results["linear_probe_accuracy"] = results["linear_probe/top1"]
+    if config.eval.global_loss:
+        results.update(
+            global_loss_metrics(config, model=model, params=params, model_state=model_state)
+        )
     return results
+
+
+def global_loss_metrics(
+    config: ml_collections.ConfigDict,
+    *,
+    model: models.FunctionalModel,
+    params: PyTree,
+    model_state: PyTree,
+) -> dict[str, float]:
+    """Exact global contrastive loss and ||∇L||² over all m * n_aug training views.
+
+    The EMC² paper's stationarity measure (its Figure 2), on the
+    finite-augmentation training set the run optimises.
+    """
+    source = sources.load_source(
+        config.dataset.name, config.dataset.train_split, data_dir=config.dataset.data_dir
+    )
+    images = augment.to_float(pipeline.to_device_array(source, key="image"))
+    image_shape = tuple(images.shape[1:])
+    views = augment.finite_views(
+        augment_key(config),
+        images,
+        jnp.arange(images.shape[0]),
+        n_aug=int(config.dataset.num_augmentations),
+        config=augmentation_config(config, image_shape),
+    )
+    return evaluate.exact_global_loss(
+        _projection_fn(model, model_state),
+        params,
+        views,
+        temperature=float(config.temperature),
+        chunk_size=config.eval.batch_size,
+    )
+
+
+def _projection_fn(model: models.FunctionalModel, model_state: PyTree):
+    def apply(params, x):
+        return model.apply(params, model_state, x, train=False)[0].projection
+
+    return apply
 
 
 def train_and_evaluate(

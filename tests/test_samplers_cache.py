@@ -188,3 +188,12 @@ def test_bad_input_raises_value_error(kwargs, message):
         )
     with pytest.raises(ValueError, match="refresh_fraction"):
         cache.refresh_rows(cache.init(5, 2), refresh_fraction=1.5)
+
+
+def test_repeated_example_rows_draw_independently():
+    # Both views of an example as anchors: same anchor embedding here, yet
+    # independent Gumbel noise (the k-th occurrence uses its own stream).
+    table = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32) * 0.01
+    state = cache.write(cache.init(50, 2), jnp.arange(50), table)
+    _, out, _ = _step(jax.random.key(0), state, [3, 3], np.ones((2, 2)), k=5)
+    assert not np.array_equal(out.negative_index[0], out.negative_index[1])

@@ -287,6 +287,22 @@ def test_shapes_dtypes_stable_determinism_and_no_retrace():
     assert not np.array_equal(a[1].proposal_weights, c[1].proposal_weights)
 
 
+def test_chunk_size_does_not_change_the_result():
+    rng = np.random.default_rng(7)
+    scores = jnp.asarray(rng.normal(size=(7, V, NP)), jnp.float32)
+    index = jnp.arange(NP, dtype=jnp.int32)
+    state = _table(rng)
+    results = [
+        jax.jit(lambda s, c=c: _step(jax.random.key(0), s, scores, index, burn_in=1, chunk_size=c))(
+            state
+        )
+        for c in (None, 3, 1)  # one chunk; 3 chunks of 3 with 2 padding rows; 7 chunks
+    ]
+    for other in results[1:]:
+        for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_randomness_is_per_example_not_per_row():
     # Permuting the batch permutes the results: the draws follow the example index.
     rng = np.random.default_rng(5)

@@ -97,9 +97,7 @@ def fisher_subspace(mixture: GaussianMixture, rank: int | None = None) -> Array:
     rank = k - 1 if rank is None else rank
     _check_rank(rank, min(k - 1, d))
     whiten = mixture.cov_rotation.T / jnp.sqrt(mixture.cov_eigvals)[:, None]
-    return _top_generalized_eigvecs(
-        whiten, _between_scatter(mixture.weights, mixture.means), rank
-    )
+    return _top_generalized_eigvecs(whiten, _between_scatter(mixture.weights, mixture.means), rank)
 
 
 def class_moments(

@@ -238,9 +238,7 @@ def _fisher_seed(key: Array, noise_variance: Array, *, budget: Budget) -> dict[s
     # Negative control 2: the same mixture shifted off the origin by a random
     # vector of norm SEPARATION (F is unchanged: it depends on centred means).
     offset = jax.random.normal(keys[2], (DIM,))
-    shifted = mixture._replace(
-        means=mixture.means + SEPARATION * offset / jnp.linalg.norm(offset)
-    )
+    shifted = mixture._replace(means=mixture.means + SEPARATION * offset / jnp.linalg.norm(offset))
     encoders = {
         "infonce": train(keys[3], pairs).params["encoder"],
         "infonce_cosine": train(
@@ -282,7 +280,10 @@ def _lda_equivalent_samples(lda_by_n: dict[str, float], target: float) -> dict[s
     n = np.array([float(k) for k in lda_by_n])
     s = np.array(list(lda_by_n.values()))
     slope, intercept = np.polyfit(np.log(n), np.log(s), 1)
-    return {"slope": -slope, "equivalent_samples": float(np.exp((intercept - np.log(target)) / -slope))}
+    return {
+        "slope": -slope,
+        "equivalent_samples": float(np.exp((intercept - np.log(target)) / -slope)),
+    }
 
 
 def run_fisher(out_dir: pathlib.Path, *, quick: bool) -> dict[str, Any]:
@@ -389,7 +390,11 @@ def run_fisher(out_dir: pathlib.Path, *, quick: bool) -> dict[str, Any]:
 
     fig, axes = new_figure(1, 2, figsize=(11, 4), sharey=True)
     for ax, tree, title in (
-        (axes[0], aniso, f"anisotropic (Sigma eigenvalues {NOISE_VARIANCE:g} x{NOISE_DIRECTIONS}, 1)"),
+        (
+            axes[0],
+            aniso,
+            f"anisotropic (Sigma eigenvalues {NOISE_VARIANCE:g} x{NOISE_DIRECTIONS}, 1)",
+        ),
         (axes[1], iso, "isotropic control (Sigma = I)"),
     ):
         values = [tree["sin_angle"][m] for m in FISHER_METHODS]
@@ -418,7 +423,7 @@ draw recovers the Fisher subspace of a shared-covariance mixture, isotropic or n
 
 ## Setting
 - {_setting_md()}.
-- {_budget_md(budget)}{' (quick mode)' if quick else ''}.
+- {_budget_md(budget)}{" (quick mode)" if quick else ""}.
 - InfoNCE: in-batch, dot product with tau = 1 (`losses.infonce(normalize=False)`) and
   cosine with tau = {COSINE_TEMPERATURE}; SimSiam: linear predictor started at the identity,
   stop-gradient, weight decay 1e-3. LDA: plug-in estimator on {budget.pairs_seen} labelled
@@ -427,7 +432,7 @@ draw recovers the Fisher subspace of a shared-covariance mixture, isotropic or n
   `infonce_off_centre` on the same mixture shifted by a random vector of norm {SEPARATION:g}.
 - Metrics: sin of the largest principal angle between the encoder's row space and F;
   leakage ||A (I - P_F)|| / ||A||; nearest-class-mean (Mahalanobis) test accuracy on the
-  embedding (true-Fisher projection: {_fmt(summary['fisher_accuracy'])}).
+  embedding (true-Fisher projection: {_fmt(summary["fisher_accuracy"])}).
 
 ## Results (median [q25, q75] over {budget.seeds} seeds)
 
@@ -436,8 +441,8 @@ draw recovers the Fisher subspace of a shared-covariance mixture, isotropic or n
 {rows}
 
 LDA's median sin angle against its number of labelled samples: {lda_rows}
-(fitted slope {equivalent['slope']:.2f}; 0.5 is the parametric rate). InfoNCE's median
-equals LDA's at about {equivalent['equivalent_samples']:.0f} labelled samples, against the
+(fitted slope {equivalent["slope"]:.2f}; 0.5 is the parametric rate). InfoNCE's median
+equals LDA's at about {equivalent["equivalent_samples"]:.0f} labelled samples, against the
 {budget.pairs_seen} unlabelled pairs InfoNCE trained on.
 
 ![angles](fisher_angles.png)
@@ -448,7 +453,7 @@ equals LDA's at about {equivalent['equivalent_samples']:.0f} labelled samples, a
 Notes. The off-centre control is not a claim of the paper but a pitfall we hit: the
 theory's mixture has mean zero, and with a shifted mixture a constant component of the
 embedding biases every negative's logit, so the dot-product InfoNCE optimum uses the
-direction Sigma^-1 mu_bar and leaves F (median sin angle {med['infonce_off_centre']:.3f}).
+direction Sigma^-1 mu_bar and leaves F (median sin angle {med["infonce_off_centre"]:.3f}).
 
 Run time: {{RUN_TIME}} (2-core CPU, including compilation).
 """
@@ -491,7 +496,9 @@ def run_noise(out_dir: pathlib.Path, *, quick: bool) -> dict[str, Any]:
     budget = _budget(quick, seeds=8) if quick else _budget(quick, seeds=32)
     deltas = np.round(np.linspace(0.0, 0.9, 4 if quick else 10), 3)
     keys = gmm.seed_keys(1, budget.seeds)
-    ref = jax.tree.map(np.asarray, gmm.sweep(functools.partial(_noise_reference_seed, budget=budget), keys))
+    ref = jax.tree.map(
+        np.asarray, gmm.sweep(functools.partial(_noise_reference_seed, budget=budget), keys)
+    )
     raw = jax.tree.map(
         np.asarray,
         gmm.sweep(functools.partial(_noise_seed, budget=budget), keys, delta=jnp.asarray(deltas)),
@@ -503,7 +510,9 @@ def run_noise(out_dir: pathlib.Path, *, quick: bool) -> dict[str, Any]:
     lda_sin = reference["lda"]["sin_angle"]["median"]
     lda_acc = reference["lda"]["accuracy"]["median"]
     tolerated = [float(d) for d, s in zip(deltas, sin_med, strict=True) if s <= 0.1]
-    max_ok = max((d for d in tolerated if all(s <= 0.1 for s in sin_med[deltas <= d])), default=None)
+    max_ok = max(
+        (d for d in tolerated if all(s <= 0.1 for s in sin_med[deltas <= d])), default=None
+    )
     half = deltas <= 0.5
     claims = {
         "noise_tolerated_to_half": _claim(
@@ -579,7 +588,7 @@ redrawn from the mixture weights; the Fisher subspace stays the optimum).
 
 ## Setting
 - {_setting_md()}.
-- {_budget_md(budget)}{' (quick mode)' if quick else ''}; dot-product InfoNCE, tau = 1.
+- {_budget_md(budget)}{" (quick mode)" if quick else ""}; dot-product InfoNCE, tau = 1.
 - One compiled call runs the {len(deltas)} x {budget.seeds} grid (delta x seed); the
   same seeds (mixture, initialisation, batches) at every delta: paired comparisons.
 - LDA (true labels, {budget.pairs_seen} samples) does not depend on delta.
@@ -590,8 +599,8 @@ redrawn from the mixture weights; the Fisher subspace stays the optimum).
 |---|---|---|---|
 {rows}
 
-LDA: sin angle {_fmt(reference['lda']['sin_angle'])}, accuracy {_fmt(reference['lda']['accuracy'])};
-true-F accuracy {_fmt(reference['fisher']['accuracy'])}. Largest delta up to which the median
+LDA: sin angle {_fmt(reference["lda"]["sin_angle"])}, accuracy {_fmt(reference["lda"]["accuracy"])};
+true-F accuracy {_fmt(reference["fisher"]["accuracy"])}. Largest delta up to which the median
 sin angle stays <= 0.1: {max_ok}.
 
 ![noise](noise_sweep.png)
@@ -758,7 +767,7 @@ r > k - 1 the directions beyond F carry no signal and shrink).
 
 ## Setting
 - {_setting_md()}; k - 1 = {k1}, r in {list(ranks)}.
-- {_budget_md(budget)}{' (quick mode)' if quick else ''}; dot product (tau = 1) and cosine (tau = {COSINE_TEMPERATURE}).
+- {_budget_md(budget)}{" (quick mode)" if quick else ""}; dot product (tau = 1) and cosine (tau = {COSINE_TEMPERATURE}).
 
 ## Results (median [q25, q75] over {budget.seeds} seeds)
 
@@ -929,7 +938,7 @@ modality's Fisher subspace and filters out the noise directions).
   variance {NOISE_VARIANCE:g} (others 1) and centred means of norm <= {SEPARATION:g} in its
   low-variance span.
 - Symmetric CLIP loss (`losses.clip_loss`), dot product (tau = 1) and cosine (tau =
-  {COSINE_TEMPERATURE}); r in {list(ranks)}. {_budget_md(budget)}{' (quick mode)' if quick else ''}.
+  {COSINE_TEMPERATURE}); r in {list(ranks)}. {_budget_md(budget)}{" (quick mode)" if quick else ""}.
 - PCA: top-r principal directions of each modality separately ({budget.eval_samples} samples).
 
 ## Results (median [q25, q75] over {budget.seeds} seeds)

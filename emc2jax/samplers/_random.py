@@ -18,7 +18,14 @@ from jax.extend.random import threefry2x32_p
 Array = jax.Array
 
 
-def uniforms(key: Array, example_index: Array, num: int, *, time_major: bool = False) -> Array:
+def uniforms(
+    key: Array,
+    example_index: Array,
+    num: int,
+    *,
+    time_major: bool = False,
+    stream: Array | None = None,
+) -> Array:
     """U(0, 1) draws, open interval, float32.
 
     Args:
@@ -26,6 +33,9 @@ def uniforms(key: Array, example_index: Array, num: int, *, time_major: bool = F
       example_index: (B,) int dataset indices.
       num: draws per example.
       time_major: return (num, B) instead of (B, num).
+      stream: optional (B,) int; rows of one example with different streams
+        get independent draws (e.g. the k-th occurrence of an example in a
+        batch that repeats it); default 0.
 
     Returns:
       (B, num) (or (num, B)) float32 in (0, 1): 23 random mantissa bits,
@@ -39,6 +49,8 @@ def uniforms(key: Array, example_index: Array, num: int, *, time_major: bool = F
     # `+ 0 * rows` keeps both counter arrays alike under vmap (threefry2x32's
     # batching rule does not broadcast an unbatched operand).
     counters = jnp.arange(half, dtype=jnp.uint32)[:, None] + 0 * rows
+    if stream is not None:
+        counters = counters + jnp.uint32(half) * stream.astype(jnp.uint32)[None, :]
     bits1, bits2 = threefry2x32_p.bind(k1, k2, counters, rows)
     bits = jnp.concatenate([bits1, bits2], axis=0)[:num]
     mantissa = (bits >> 9).astype(jnp.float32)
@@ -51,9 +63,17 @@ def log_uniforms(key: Array, example_index: Array, num: int, *, time_major: bool
     return jnp.log(uniforms(key, example_index, num, time_major=time_major))
 
 
-def gumbels(key: Array, example_index: Array, num: int) -> Array:
+def gumbels(key: Array, example_index: Array, num: int, *, stream: Array | None = None) -> Array:
     """(B, num) standard Gumbel draws ``-log(-log U)``."""
-    return -jnp.log(-log_uniforms(key, example_index, num))
+    return -jnp.log(-jnp.log(uniforms(key, example_index, num, stream=stream)))
 
 
-__all__ = ["gumbels", "log_uniforms", "uniforms"]
+def occurrence(example_index: Array) -> Array:
+    """(B,) int32: how many earlier rows hold the same example (0 for the first)."""
+    b = example_index.shape[0]
+    earlier = jnp.arange(b)[None, :] < jnp.arange(b)[:, None]
+    same = example_index[None, :] == example_index[:, None]
+    return jnp.sum(same & earlier, axis=1, dtype=jnp.int32)
+
+
+__all__ = ["gumbels", "log_uniforms", "occurrence", "uniforms"]

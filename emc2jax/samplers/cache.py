@@ -27,7 +27,8 @@ rows, from which a caller can form importance weights
 Data parallelism: the table is replicated; with ``axis_name`` the rows to
 write (batch rows and refresh rows) are all-gathered (tiled) and every replica
 applies the same scatter. Sampling needs no communication. The Gumbel noise of
-an anchor depends only on ``(key, example_index)``.
+an anchor depends only on ``(key, example_index)`` (and on the occurrence of a
+repeated example among the device's rows, so two views draw independently).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "CacheOutputs",
     "CacheState",
     "init",
+    "num_refresh_rows",
     "refresh_rows",
     "step",
     "write",
@@ -207,7 +209,8 @@ def step(
        rows of the same example); the cursor moves past the last refresh row.
     2. For anchor b (example i): Gumbel-top-K over the filled rows j != i of
        ``beta <anchors[b], C_j>`` (``beta = 1 / temperature``), with the
-       Gumbel noise depending only on ``(key, i)``.
+       Gumbel noise depending only on ``(key, i)`` and, for a repeated
+       example, on which of its rows this is (its views draw independently).
 
     Args:
       key: PRNG key of this step.
@@ -271,7 +274,9 @@ def step(
     u = lax.stop_gradient(jnp.asarray(anchors, jnp.float32))
     scores = beta * jnp.einsum("bd,md->bm", u, state.embeddings, precision=lax.Precision.HIGHEST)
     eligible = state.filled[None, :] & (jnp.arange(m)[None, :] != example_index[:, None])
-    perturbed = jnp.where(eligible, scores + _random.gumbels(key, example_index, m), -jnp.inf)
+    # Rows repeating an example (its two views) get independent noise streams.
+    noise = _random.gumbels(key, example_index, m, stream=_random.occurrence(example_index))
+    perturbed = jnp.where(eligible, scores + noise, -jnp.inf)
     top, drawn = lax.top_k(perturbed, k)
     valid = top > -jnp.inf
     drawn_scores = jnp.where(valid, jnp.take_along_axis(scores, drawn, axis=1), -jnp.inf)

@@ -29,6 +29,12 @@ of the P proposal columns. The columns are shared by the views: column p is
 the same candidate for every view (the in-batch views of a step, or the draws
 of :func:`uniform_proposals` for an example), so a state accepted during view
 0's segment and still held during view 1's is reported as column p of view 1.
+With V = 1 (or V segments over independent proposals) each sweep leaves pi_u
+invariant: with frozen scores the chain samples pi_u exactly. With V > 1 over
+the same columns -- the official sweep -- view 1 re-proposes candidates the
+chain has already seen, which is not independent of its state, so the step
+is only approximately pi_u-invariant (a small flattening that shrinks as P
+grows; ``python -m emc2jax.reproduce mh_exactness`` measures it).
 
 Outputs are visit *fractions*: ``proposal_weights[b, v, p]`` and
 ``carried_weights[b, v]`` are the fractions of anchor view v's counted sweeps
@@ -402,6 +408,42 @@ def mh_sweep(
     )
 
 
+def _chunked_sweep(
+    key: Array,
+    scores: Array,
+    valid: Array,
+    initial: Array,
+    example_index: Array,
+    burn_in: int,
+    unroll: int,
+    chunk_size: int,
+) -> SweepResult:
+    """Draws the uniforms and sweeps (B, V, P) inputs, ``chunk_size`` anchors at a time.
+
+    Written for one chain and vectorised with ``lax.map(..., batch_size=chunk_size)``
+    (a ``vmap`` within a chunk, a loop over chunks), so that on CPU a chunk's
+    (V, P, chunk) working set stays in cache. (Measured on CPU, the vmapped
+    single-chain sweep also beats explicit time-major transposes of the inputs.)
+    """
+    _, v, p = scores.shape
+
+    def sweep_one(chain: tuple[Array, Array, Array, Array]) -> SweepResult:
+        scores_1, valid_1, initial_1, index_1 = chain
+        log_u = _random.log_uniforms(key, index_1[None], v * p, time_major=True)
+        result = _sweep_time_major(
+            scores_1[..., None],
+            log_u.reshape(v, p, 1),
+            valid_1[..., None],
+            initial_1[None],
+            burn_in,
+            unroll,
+        )
+        return jax.tree.map(lambda x: x[0], result)
+
+    inputs = (scores, valid, initial, example_index)
+    return lax.map(sweep_one, inputs, batch_size=min(scores.shape[0], chunk_size))
+
+
 def _burn_in_count(burn_in: int | float, num_proposals: int) -> int:
     if isinstance(burn_in, bool) or not isinstance(burn_in, (int, float, np.integer, np.floating)):
         raise ValueError(f"burn_in must be an int (count) or a float (fraction), got {burn_in!r}.")
@@ -515,26 +557,11 @@ def step(
         refreshed = lax.stop_gradient(jnp.asarray(carried_log_score, jnp.float32))
         initial = jnp.where(carried_valid, refreshed, -jnp.inf)
 
-    def sweep_one(x: tuple[Array, Array, Array, Array]) -> SweepResult:
-        # One chain; `lax.map` vmaps it over chunks of `chunk_size` anchors, so
-        # the sweep's loops carry (chunk,) vectors and a chunk's (V, P, chunk)
-        # working set stays in cache even for large batches.
-        scores_1, valid_1, initial_1, index_1 = x
-        result = _sweep_time_major(
-            scores_1[..., None],
-            _random.log_uniforms(key, index_1[None], v * p, time_major=True).reshape(v, p, 1),
-            valid_1[..., None],
-            initial_1[None],
-            burn_in,
-            max(1, unroll),
-        )
-        return jax.tree.map(lambda a: a[0], result)
-
     if chunk_size is None:
         chunk_size = _CPU_CHUNK_SIZE if jax.default_backend() == "cpu" else b
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
-    sweep = lax.map(
-        sweep_one, (scores, valid, initial, example_index), batch_size=min(b, chunk_size)
+    sweep = _chunked_sweep(
+        key, scores, valid, initial, example_index, burn_in, max(1, unroll), chunk_size
     )
     num_counted = sweep.column_counts.sum(axis=-1) + sweep.carried_counts
     denominator = jnp.maximum(num_counted, 1).astype(jnp.float32)
