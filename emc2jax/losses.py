@@ -117,6 +117,25 @@ def _cross_entropy_rows(logits: Array, target: Array, valid: Array | None) -> Ar
     return jax.nn.logsumexp(logits, axis=1) - picked
 
 
+def _two_view_logits(
+    z_a: ArrayLike,
+    z_b: ArrayLike,
+    temperature: ArrayLike,
+    normalize: bool,
+    where: ArrayLike | None,
+) -> tuple[Array, Array, Array | None]:
+    """The (2B, 2B) logits of ``concat(z_a, z_b)``, each row's positive, the valid rows."""
+    _check_pair("z_a", z_a, "z_b", z_b)
+    _check_temperature(temperature)
+    b = jnp.shape(z_a)[0]
+    where = _check_where(where, (b,))
+    z = jnp.concatenate([jnp.asarray(z_a), jnp.asarray(z_b)], axis=0)
+    logits = cosine_similarity_matrix(z, z, normalize=normalize) / temperature
+    target = jnp.concatenate([jnp.arange(b) + b, jnp.arange(b)])
+    row_valid = None if where is None else jnp.concatenate([where, where])
+    return logits, target, row_valid
+
+
 # ----------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------
@@ -152,18 +171,10 @@ def ntxent(
       (2B,) float32 losses: rows 0..B-1 for the ``z_a`` anchors, B..2B-1 for
       ``z_b``; 0 for masked pairs.
     """
-    _check_pair("z_a", z_a, "z_b", z_b)
-    _check_temperature(temperature)
-    b = jnp.shape(z_a)[0]
-    where = _check_where(where, (b,))
-    z = jnp.concatenate([jnp.asarray(z_a), jnp.asarray(z_b)], axis=0)
-    logits = cosine_similarity_matrix(z, z, normalize=normalize) / temperature
-    valid = ~jnp.eye(2 * b, dtype=bool)
-    row_valid = None
-    if where is not None:
-        row_valid = jnp.concatenate([where, where])
+    logits, target, row_valid = _two_view_logits(z_a, z_b, temperature, normalize, where)
+    valid = ~jnp.eye(logits.shape[0], dtype=bool)
+    if row_valid is not None:
         valid = valid & row_valid[None, :]
-    target = jnp.concatenate([jnp.arange(b) + b, jnp.arange(b)])
     loss = _cross_entropy_rows(logits, target, valid)
     return loss if row_valid is None else jnp.where(row_valid, loss, 0.0)
 
@@ -184,18 +195,11 @@ def dcl(
 
     Args and returns as :func:`ntxent`: (B, D), (B, D) -> (2B,).
     """
-    _check_pair("z_a", z_a, "z_b", z_b)
-    _check_temperature(temperature)
-    b = jnp.shape(z_a)[0]
-    where = _check_where(where, (b,))
-    z = jnp.concatenate([jnp.asarray(z_a), jnp.asarray(z_b)], axis=0)
-    logits = cosine_similarity_matrix(z, z, normalize=normalize) / temperature
-    target = jnp.concatenate([jnp.arange(b) + b, jnp.arange(b)])
+    logits, target, row_valid = _two_view_logits(z_a, z_b, temperature, normalize, where)
+    n = logits.shape[0]
     positive = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
-    negative = ~jnp.eye(2 * b, dtype=bool) & (jnp.arange(2 * b)[None, :] != target[:, None])
-    row_valid = None
-    if where is not None:
-        row_valid = jnp.concatenate([where, where])
+    negative = ~jnp.eye(n, dtype=bool) & (jnp.arange(n)[None, :] != target[:, None])
+    if row_valid is not None:
         negative = negative & row_valid[None, :]
     loss = jax.nn.logsumexp(jnp.where(negative, logits, _NEG_INF), axis=1) - positive
     return loss if row_valid is None else jnp.where(row_valid, loss, 0.0)

@@ -42,13 +42,15 @@ def main(argv: list[str]) -> int:
         process_id=_PROCESS_ID.value,
     )
     from emc2jax import train
+    from emc2jax.checkpoint import IncompatibleCheckpointError
     from emc2jax.data.sources import DatasetNotPreparedError
 
     config = _CONFIG.value
     try:
         results = train.train_and_evaluate(config, _WORKDIR.value)
-    except (config_lib.ConfigError, DatasetNotPreparedError) as error:
-        # A user error: one clear message, no traceback.
+    except (config_lib.ConfigError, DatasetNotPreparedError, IncompatibleCheckpointError) as error:
+        # A user error (a workdir holding another config's checkpoint included):
+        # one clear message, no traceback.
         print(f"error: {error}", file=sys.stderr)
         return 2
     except train.NonFiniteError as error:

@@ -395,10 +395,20 @@ def train_and_evaluate(
     config_lib.validate_config(config, num_devices=num_devices)
     is_lead = jax.process_index() == 0
 
-    # Data first: a missing dataset fails here, before any compile.
-    source = sources.load_source(
-        config.dataset.name, config.dataset.train_split, data_dir=config.dataset.data_dir
-    )
+    # Data first: a missing dataset or a bad name or split fails here, before
+    # any compile. The evaluation splits are opened now too (opening is lazy
+    # and cheap), or a typo in one would surface only after training.
+    try:
+        source, *_ = (
+            sources.load_source(config.dataset.name, split, data_dir=config.dataset.data_dir)
+            for split in (
+                config.dataset.train_split,
+                config.dataset.eval_train_split,
+                config.dataset.eval_test_split,
+            )
+        )
+    except ValueError as error:  # Unknown dataset or split: a config error.
+        raise config_lib.ConfigError(f"dataset: {error}") from None
     num_examples = len(source)
     if num_examples < config.batch_size:
         raise config_lib.ConfigError(

@@ -33,6 +33,7 @@ from emc2jax.gmm.metrics import (
     nearest_class_mean_accuracy,
     principal_angles,
     sin_largest_angle,
+    singular_values,
 )
 from emc2jax.gmm.mixture import (
     GaussianMixture,
@@ -105,6 +106,7 @@ __all__ = [
     "seed_keys",
     "simsiam_objective",
     "sin_largest_angle",
+    "singular_values",
     "summarize",
     "sweep",
     "train_clip",

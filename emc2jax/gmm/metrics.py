@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from emc2jax.gmm import _linalg
 from emc2jax.gmm.subspaces import orthonormal_rows
 
 Array = jax.Array
@@ -35,6 +36,7 @@ __all__ = [
     "nearest_class_mean_accuracy",
     "principal_angles",
     "sin_largest_angle",
+    "singular_values",
 ]
 
 
@@ -60,9 +62,9 @@ def principal_angles(a: ArrayLike, b: ArrayLike) -> Array:
     u, v = orthonormal_rows(a), orthonormal_rows(b)
     if u.shape[0] > v.shape[0]:
         u, v = v, u
-    cos = jnp.linalg.svd(jnp.matmul(u, v.T, precision=_HI), compute_uv=False)  # descending
+    cos = _linalg.singular_values(jnp.matmul(u, v.T, precision=_HI))  # descending
     residual = u - jnp.matmul(jnp.matmul(u, v.T, precision=_HI), v, precision=_HI)
-    sin = jnp.linalg.svd(residual, compute_uv=False)[::-1]  # ascending
+    sin = _linalg.singular_values(residual)[::-1]  # ascending
     return jnp.arctan2(jnp.clip(sin, 0.0, 1.0), jnp.clip(cos, 0.0, 1.0))
 
 
@@ -92,6 +94,11 @@ def leakage(a: ArrayLike, subspace: ArrayLike) -> Array:
     return jnp.linalg.norm(outside) / jnp.maximum(jnp.linalg.norm(a), 1e-30)
 
 
+def singular_values(a: ArrayLike) -> Array:
+    """Singular values of an encoder a (r, d), descending: (min(r, d),) float32."""
+    return _linalg.singular_values(jnp.asarray(a, jnp.float32))
+
+
 def effective_rank(a: ArrayLike, *, kind: str = "entropy") -> Array:
     """Effective rank of a (r, d) from its singular values sigma_i: scalar in [1, min(r, d)].
 
@@ -105,7 +112,7 @@ def effective_rank(a: ArrayLike, *, kind: str = "entropy") -> Array:
     """
     if kind not in ("entropy", "participation"):
         raise ValueError(f"kind must be 'entropy' or 'participation', got {kind!r}.")
-    s = jnp.linalg.svd(jnp.asarray(a, jnp.float32), compute_uv=False)
+    s = singular_values(a)
     if kind == "participation":
         energy = s * s
         return jnp.sum(energy) ** 2 / jnp.maximum(jnp.sum(energy * energy), 1e-30)
@@ -146,8 +153,8 @@ def nearest_class_mean_accuracy(
         within = z_train - onehot @ means
         cov = jnp.einsum("ni,nj->ij", within, within, precision=_HI) / n
         cov = cov + (ridge * jnp.trace(cov) / r + 1e-30) * jnp.eye(r)
-        chol = jnp.linalg.cholesky(cov)
-        solve = lambda z: jax.scipy.linalg.solve_triangular(chol, z.T, lower=True).T  # noqa: E731
+        chol = _linalg.cholesky(cov)
+        solve = lambda z: _linalg.solve_lower(chol, z.T).T  # noqa: E731
         z_test, means = solve(z_test), solve(means)
     dist = jnp.sum((z_test[:, None, :] - means[None, :, :]) ** 2, axis=-1)
     return jnp.mean(jnp.argmin(dist, axis=1) == jnp.asarray(labels_test))

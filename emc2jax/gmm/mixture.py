@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emc2jax.gmm import _linalg
+
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
@@ -76,6 +78,16 @@ def covariance(mixture: GaussianMixture) -> Array:
     """The dense shared covariance ``Q diag(lambda) Q^T``: (d, d)."""
     q = mixture.cov_rotation
     return (q * mixture.cov_eigvals[..., None, :]) @ jnp.swapaxes(q, -1, -2)
+
+
+def _haar_orthogonal(key: ArrayLike, n: int) -> Array:
+    """A Haar-random (n, n) rotation: QR of a Gaussian matrix, signs fixed by R's diagonal.
+
+    (``jax.random.orthogonal`` does the same through a batched LAPACK QR, which
+    can deadlock under ``vmap`` on CPU: see :mod:`emc2jax.gmm._linalg`.)
+    """
+    q, r = _linalg.qr(jax.random.normal(key, (n, n), jnp.float32))
+    return q * jnp.sign(jnp.diagonal(r))
 
 
 def _uniform_weights(k: int) -> Array:
@@ -146,7 +158,7 @@ def anisotropic_mixture(
             f"num_noise_directions={num_noise_directions}."
         )
     k_rot, k_means = jax.random.split(key)
-    q = jax.random.orthogonal(k_rot, dim, dtype=jnp.float32)
+    q = _haar_orthogonal(k_rot, dim)
     g = jax.random.normal(k_means, (num_components, d_low), jnp.float32)
     g = g / jnp.linalg.norm(g, axis=1, keepdims=True)
     w = _uniform_weights(num_components) if weights is None else weights

@@ -26,8 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.linalg import solve_triangular
-
+from emc2jax.gmm import _linalg
 from emc2jax.gmm.mixture import GaussianMixture
 
 Array = jax.Array
@@ -55,8 +54,7 @@ def orthonormal_rows(a: ArrayLike) -> Array:
     a = jnp.asarray(a, jnp.float32)
     if a.ndim != 2 or a.shape[0] > a.shape[1]:
         raise ValueError(f"expected an (r, d) matrix with r <= d, got shape {a.shape}.")
-    _, _, vt = jnp.linalg.svd(a, full_matrices=False)
-    return vt
+    return _linalg.right_singular_vectors(a)
 
 
 def _check_rank(rank: int, dim: int, name: str = "rank") -> None:
@@ -70,7 +68,7 @@ def _top_generalized_eigvecs(whiten: Array, scatter: Array, rank: int) -> Array:
     whiten: (d, d) W with ``W Sigma W^T = I``; scatter: (d, d) between-class scatter.
     """
     m = jnp.einsum("ij,jk,lk->il", whiten, scatter, whiten, precision=_HI)
-    _, u = jnp.linalg.eigh(0.5 * (m + m.T))  # ascending eigenvalues
+    _, u = _linalg.eigh(0.5 * (m + m.T))  # ascending eigenvalues
     directions = jnp.einsum("ji,jr->ri", whiten, u[:, ::-1][:, :rank], precision=_HI)
     return orthonormal_rows(directions)
 
@@ -139,8 +137,7 @@ def lda_from_moments(
     means = sums / jnp.maximum(counts, 1.0)[:, None]
     s_w = (second_moment - jnp.einsum("c,ci,cj->ij", counts, means, means, precision=_HI)) / n
     s_w = 0.5 * (s_w + s_w.T) + ridge * jnp.trace(s_w) / d * jnp.eye(d)
-    chol = jnp.linalg.cholesky(s_w)
-    whiten = solve_triangular(chol, jnp.eye(d), lower=True)  # L^-1: L^-1 S_w L^-T = I
+    whiten = _linalg.solve_lower(_linalg.cholesky(s_w), jnp.eye(d))  # L^-1: L^-1 S_w L^-T = I
     return _top_generalized_eigvecs(whiten, _between_scatter(counts / n, means), rank)
 
 
@@ -173,7 +170,7 @@ def pca_subspace(x: ArrayLike, *, rank: int) -> Array:
     _check_rank(rank, x.shape[1])
     centred = x - jnp.mean(x, axis=0)
     cov = jnp.einsum("ni,nj->ij", centred, centred, precision=_HI) / x.shape[0]
-    _, vecs = jnp.linalg.eigh(cov)
+    _, vecs = _linalg.eigh(cov)
     return vecs[:, ::-1][:, :rank].T
 
 

@@ -1,0 +1,643 @@
+"""Full training steps: EMC² against SimCLR, every method's throughput, the step's scaling.
+
+Each figure comes from compiled data-parallel steps (``emc2jax.train.make_train_step``
+driven by ``emc2jax.parallel.data_parallel``, state donated) on synthetic uint8
+images and an on-device image table, built exactly as ``train_and_evaluate``
+builds them (:func:`build_runner`). Steps that are compared are timed side by
+side in alternating blocks of warm calls (:func:`compare`), so drift in the
+machine's load hits them alike; compile time (the first call) is reported
+separately.
+
+Figures (:func:`run`):
+
+- ``emc2_over_simclr_step_time``: EMC² step time / SimCLR step time, same model,
+  batch and device, for the digits ConvNet (8x8x1) and ResNet-18 at 32x32x3.
+  EMC² encodes 3B images per step (both views plus each chain's carried-over
+  negative) against SimCLR's 2B, so 1.5 is the floor of the encoder's share.
+- ``sampler_fraction_of_emc2_step``: ``1 - stub / full``, where ``stub`` is the
+  same EMC² step with the sampler (uniform draws, the MH sweep, the visit
+  weights, the chain-table scatter, the diagnostics) replaced by
+  :func:`stub_emc2_step`, which returns the same shapes from a few elementwise
+  ops. Everything else (the carried-over negatives' gather and extra forward
+  pass, the scores, the surrogate) is left in both.
+- ``per_method``: steps and examples per second of every method.
+- ``batch_scaling`` / ``dataset_scaling``: EMC² step time against B and m.
+- ``sampler_state_bytes_per_million``: bytes of each sampler's state for
+  m = 10^6, from the array shapes, and the resident memory measured when the
+  state is created.
+
+Run: ``python benchmarks/bench_train_step.py [--quick] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import block, machine_info, save_json  # noqa: E402
+from emc2jax import config as config_lib  # noqa: E402
+from emc2jax import methods, optim, parallel, train  # noqa: E402
+from emc2jax.samplers import emc2  # noqa: E402
+
+# Model settings: (config recipe, image shape, a word for the tables).
+MODELS: dict[str, tuple[Callable[[str], ml_collections.ConfigDict], tuple[int, ...], str]] = {
+    "digits_convnet": (config_lib.digits_config, (8, 8, 1), "digits ConvNet, 8x8x1"),
+    "resnet18_32": (
+        lambda method: _resnet18_32(method),
+        (32, 32, 3),
+        "ResNet-18 (CIFAR stem, no norm), 32x32x3",
+    ),
+    # A small MLP on 8x8 digits: the encoder costs little, so any growth of the
+    # step with the dataset size m (an O(m) copy of a table) would show.
+    "digits_mlp": (lambda method: _digits_mlp(method), (8, 8, 1), "MLP 64-256-256, 8x8x1"),
+}
+
+# The digits training split has 1797 examples.
+DIGITS_EXAMPLES = 1797
+
+
+def _resnet18_32(method: str) -> ml_collections.ConfigDict:
+    # The EMC² paper's STL-10 recipe (ResNet-18, no batch norm, Adam), its
+    # augmentation at 32x32.
+    c = config_lib.stl10_config(method)
+    c.dataset.image_size = 32
+    return c
+
+
+def _digits_mlp(method: str) -> ml_collections.ConfigDict:
+    c = config_lib.digits_config(method)
+    c.model.name = "mlp"
+    c.model.hidden_dims = (256, 256)
+    return c
+
+
+def bench_config(method: str, model: str, batch_size: int) -> ml_collections.ConfigDict:
+    """The training config timed for ``method`` on ``model`` at global batch ``batch_size``."""
+    if model not in MODELS:
+        raise ValueError(f"model={model!r} is not one of {tuple(MODELS)}")
+    config = MODELS[model][0](method)
+    config.batch_size = int(batch_size)
+    if method == "exact":
+        config.dataset.num_augmentations = 2
+    return config
+
+
+# ---------------------------------------------------------------------------
+# The sampler stub: same shapes, no sweep, no scatter
+# ---------------------------------------------------------------------------
+
+
+def stub_emc2_step(
+    key: jax.Array,
+    state: emc2.EMC2State,
+    *,
+    example_index: jax.Array,
+    proposal_log_scores: jax.Array,
+    proposal_index: jax.Array,
+    proposal_aug: jax.Array,
+    proposal_mask: jax.Array | None = None,
+    **unused: Any,
+) -> tuple[emc2.EMC2State, emc2.EMC2Outputs, emc2.EMC2Info]:
+    """``emc2.step`` without the sampler: weights spread evenly, chains untouched.
+
+    Returns outputs of the same shapes and dtypes as :func:`emc2.step`, computed
+    by a few elementwise ops from the scores and the mask (so the estimator
+    downstream, and its gradient, cost exactly what they cost with the real
+    sampler), and the state unchanged (no table write-back).
+    """
+    del key, proposal_index, proposal_aug, unused
+    scores = lax.stop_gradient(proposal_log_scores)
+    valid = scores > -jnp.inf
+    if proposal_mask is not None:
+        valid = valid & jnp.broadcast_to(proposal_mask, scores.shape)
+    count = jnp.sum(valid, axis=-1, dtype=jnp.float32) + 1.0  # + the carried state
+    b = scores.shape[0]
+    rows = state.negative_index[example_index]
+    outputs = emc2.EMC2Outputs(
+        proposal_weights=valid / count[..., None],
+        carried_weights=1.0 / count,
+        num_counted=count.astype(jnp.int32),
+        final_column=jnp.full((b,), -1, jnp.int32),
+        negative_index=rows,
+        negative_aug=state.negative_aug[example_index],
+        log_score=state.log_score[example_index],
+    )
+    zero = jnp.zeros((), jnp.float32)
+    return state, outputs, emc2.EMC2Info(zero, zero, zero)
+
+
+@contextlib.contextmanager
+def _sampler_replaced(stub: bool) -> Iterator[None]:
+    # The objective looks `step` up in the sampler module when it is traced, so
+    # patching the module attribute while the step is traced (its first call)
+    # swaps the sampler in that one compiled step and nowhere else.
+    if not stub:
+        yield
+        return
+    with mock.patch.object(emc2, "step", stub_emc2_step):
+        yield
+
+
+# ---------------------------------------------------------------------------
+# A compiled step with its state and inputs
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StepRunner:
+    """A compiled data-parallel train step, its (donated) state and its inputs.
+
+    Calling the runner takes one step on the next of its pre-placed batches and
+    returns the metrics (device arrays, not fetched). The state is threaded
+    through the calls because the step donates it.
+
+    Attributes:
+      name: a label for the tables.
+      config: the training config.
+      num_examples: m.
+      state: the current train state (replicated).
+      compile_s: seconds of the first call minus a warm call (tracing + compilation).
+      first_call_s: seconds of the first call (compile + one step).
+      traces: how many times the per-device step was traced (1: no retracing).
+    """
+
+    name: str
+    config: ml_collections.ConfigDict
+    num_examples: int
+    step: Callable[..., Any]
+    state: Any
+    batches: list[Any]
+    table: Any
+    compile_s: float = 0.0
+    first_call_s: float = 0.0
+    traces: int = 0
+    _position: int = 0
+
+    def __call__(self) -> Any:
+        batch = self.batches[self._position % len(self.batches)]
+        self._position += 1
+        # No device-to-host transfer may happen inside a step (only at log
+        # intervals, in the loop): the guard turns one into an error.
+        with jax.transfer_guard_device_to_host("disallow"):
+            self.state, metrics = self.step(self.state, batch, self.table)
+        return metrics
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.config.batch_size)
+
+
+def synthetic_table(num_examples: int, image_shape: Sequence[int], seed: int = 0) -> np.ndarray:
+    """(m, *image_shape) uint8 random images: the stand-in training set."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (num_examples, *image_shape), dtype=np.uint8)
+
+
+def build_runner(
+    method: str,
+    *,
+    model: str = "digits_convnet",
+    batch_size: int = 256,
+    num_examples: int = DIGITS_EXAMPLES,
+    num_devices: int = 1,
+    num_batches: int = 4,
+    sampler_stub: bool = False,
+    config: ml_collections.ConfigDict | None = None,
+    seed: int = 0,
+) -> StepRunner:
+    """Builds, compiles and warms up the train step of ``method`` (the ``train_and_evaluate`` glue).
+
+    Args:
+      method: one of ``emc2jax.config.METHODS``.
+      model: a key of :data:`MODELS`.
+      batch_size: the global batch B.
+      num_examples: m, the size of the synthetic training set (uint8 images of
+        the model's shape, on device as the table for the methods that need it).
+      num_devices: devices of the data mesh.
+      num_batches: distinct batches cycled through (distinct random examples
+        each, so the chains of many examples fill up).
+      sampler_stub: EMC² only: compile the step with :func:`stub_emc2_step`.
+      config: overrides :func:`bench_config` (its batch size wins).
+      seed: of the synthetic data.
+
+    Returns:
+      A warmed-up :class:`StepRunner` (two steps taken: the compile and one warm).
+    """
+    if sampler_stub and method != "emc2":
+        raise ValueError(f"sampler_stub applies to method 'emc2' only, got method={method!r}")
+    if batch_size > num_examples:
+        raise ValueError(f"batch_size={batch_size} exceeds num_examples={num_examples}")
+    config = bench_config(method, model, batch_size) if config is None else config
+    image_shape = MODELS[model][1]
+    mesh = parallel.make_data_mesh(num_devices)
+    config_lib.validate_config(config, num_devices=num_devices)
+
+    net, params, model_state = train.build_model(config, image_shape)
+    optimizer, schedule = optim.make_optimizer(config.optimizer, total_steps=config.total_steps)
+    state = train.create_state(
+        config,
+        model=net,
+        params=params,
+        model_state=model_state,
+        optimizer=optimizer,
+        num_examples=num_examples,
+        image_shape=image_shape,
+    )
+    per_device_step = train.make_train_step(
+        config,
+        model=net,
+        optimizer=optimizer,
+        schedule=schedule,
+        augment_config=train.augmentation_config(config, image_shape),
+        num_examples=num_examples,
+    )
+    traces = [0]
+
+    def counted_step(*args):
+        traces[0] += 1
+        return per_device_step(*args)
+
+    step = parallel.data_parallel(
+        counted_step, mesh=mesh, backend=config.parallel_backend, num_replicated_args=1
+    )
+
+    images = synthetic_table(num_examples, image_shape, seed)
+    rng = np.random.default_rng(seed + 1)
+    batches = []
+    for _ in range(num_batches):
+        index = np.sort(rng.choice(num_examples, batch_size, replace=False)).astype(np.int32)
+        batches.append(parallel.shard_batch({"image": images[index], "index": index}, mesh))
+    table = None
+    if methods.METHODS[method].needs_table:
+        table = parallel.replicate(jnp.asarray(images), mesh)
+    del images
+    runner = StepRunner(
+        name=method + ("_stub" if sampler_stub else ""),
+        config=config,
+        num_examples=num_examples,
+        step=step,
+        state=parallel.replicate(state, mesh),
+        batches=batches,
+        table=table,
+    )
+    with _sampler_replaced(sampler_stub):
+        start = time.perf_counter()
+        block(runner())
+        runner.first_call_s = time.perf_counter() - start
+    start = time.perf_counter()
+    block(runner())
+    runner.compile_s = max(runner.first_call_s - (time.perf_counter() - start), 0.0)
+    runner.traces = traces[0]
+    return runner
+
+
+def compare(
+    runners: Sequence[StepRunner], *, rounds: int, calls_per_round: int = 3
+) -> dict[str, dict[str, float]]:
+    """Times the runners side by side: ``rounds`` rounds of a block of calls of each.
+
+    The first call of a block is not kept (it re-warms the caches after the
+    other runner); medians and minima over the kept calls.
+
+    Returns:
+      ``{name: {"median_s", "min_s", "cpu_median_s", "samples"}}``: wall-clock
+      seconds per step (median, minimum) and the median CPU seconds the process
+      spent per step (all threads; less sensitive to other processes' load).
+    """
+    wall: dict[str, list[float]] = {r.name: [] for r in runners}
+    cpu: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(rounds):
+        for runner in runners:
+            for call in range(calls_per_round + 1):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                block(runner())
+                if call:
+                    wall[runner.name].append(time.perf_counter() - start)
+                    cpu[runner.name].append(time.process_time() - start_cpu)
+    return {
+        name: {
+            "median_s": statistics.median(s),
+            "min_s": min(s),
+            "cpu_median_s": statistics.median(cpu[name]),
+            "samples": len(s),
+        }
+        for name, s in wall.items()
+    }
+
+
+def _throughput(runner: StepRunner, timing: dict[str, float]) -> dict[str, Any]:
+    return {
+        "step_s": timing["median_s"],
+        "step_min_s": timing["min_s"],
+        "steps_per_second": 1.0 / timing["median_s"],
+        "examples_per_second": runner.batch_size / timing["median_s"],
+        "compile_s": runner.compile_s,
+        "traces": runner.traces,
+    }
+
+
+# ---------------------------------------------------------------------------
+# The figures
+# ---------------------------------------------------------------------------
+
+
+def emc2_vs_simclr(
+    model: str, batch_size: int, *, rounds: int, calls_per_round: int = 3, with_stub: bool
+) -> dict[str, Any]:
+    """EMC², SimCLR (and the sampler-stubbed EMC²) on ``model`` at ``batch_size``, side by side."""
+    num_examples = max(DIGITS_EXAMPLES, 4 * batch_size)
+    runners = [
+        build_runner(name, model=model, batch_size=batch_size, num_examples=num_examples)
+        for name in ("simclr", "emc2")
+    ]
+    if with_stub:
+        runners.append(
+            build_runner(
+                "emc2", model=model, batch_size=batch_size, num_examples=num_examples,
+                sampler_stub=True,
+            )
+        )
+    timing = compare(runners, rounds=rounds, calls_per_round=calls_per_round)
+    simclr, full = timing["simclr"], timing["emc2"]
+    result: dict[str, Any] = {
+        "model": MODELS[model][2],
+        "batch_size": batch_size,
+        "num_examples": num_examples,
+        "timing": timing,
+        "compile_s": {r.name: r.compile_s for r in runners},
+        "traces": {r.name: r.traces for r in runners},
+        "emc2_over_simclr_step_time": full["median_s"] / simclr["median_s"],
+        "emc2_over_simclr_step_time_min": full["min_s"] / simclr["min_s"],
+        "throughput": {r.name: _throughput(r, timing[r.name]) for r in runners},
+    }
+    if with_stub:
+        stub = timing["emc2_stub"]
+        result["sampler_fraction_of_emc2_step"] = 1.0 - stub["median_s"] / full["median_s"]
+        result["sampler_fraction_of_emc2_step_min"] = 1.0 - stub["min_s"] / full["min_s"]
+        result["sampler_s"] = full["median_s"] - stub["median_s"]
+    return result
+
+
+def per_method(
+    method_names: Sequence[str], model: str, batch_size: int, *, rounds: int
+) -> dict[str, Any]:
+    """Steps and examples per second of each method (timed side by side)."""
+    num_examples = max(DIGITS_EXAMPLES, 4 * batch_size)
+    runners = [
+        build_runner(name, model=model, batch_size=batch_size, num_examples=num_examples)
+        for name in method_names
+    ]
+    timing = compare(runners, rounds=rounds)
+    return {
+        "model": MODELS[model][2],
+        "batch_size": batch_size,
+        "num_examples": num_examples,
+        "methods": {r.name: _throughput(r, timing[r.name]) for r in runners},
+    }
+
+
+def batch_scaling(
+    batch_sizes: Sequence[int], *, model: str = "digits_convnet", rounds: int
+) -> dict[str, Any]:
+    """EMC² and SimCLR step time against the batch size B."""
+    rows = []
+    for b in batch_sizes:
+        num_examples = max(DIGITS_EXAMPLES, 4 * b)
+        runners = [
+            build_runner(name, model=model, batch_size=b, num_examples=num_examples)
+            for name in ("simclr", "emc2")
+        ]
+        timing = compare(runners, rounds=rounds, calls_per_round=2)
+        rows.append(
+            {
+                "batch_size": b,
+                "simclr_step_s": timing["simclr"]["median_s"],
+                "emc2_step_s": timing["emc2"]["median_s"],
+                "emc2_over_simclr": timing["emc2"]["median_s"] / timing["simclr"]["median_s"],
+                "emc2_us_per_example": 1e6 * timing["emc2"]["median_s"] / b,
+                "compile_s": {r.name: r.compile_s for r in runners},
+            }
+        )
+        del runners
+    return {"model": MODELS[model][2], "rows": rows}
+
+
+def dataset_scaling(
+    sizes: Sequence[int], *, model: str = "digits_mlp", batch_size: int = 256, rounds: int
+) -> dict[str, Any]:
+    """EMC² step time against the dataset size m (chain table and image table on device).
+
+    All sizes are built first and then timed side by side, so the ratio to the
+    smallest m is not skewed by drift in the machine's load.
+    """
+    runners = []
+    for m in sizes:
+        runner = build_runner("emc2", model=model, batch_size=batch_size, num_examples=int(m))
+        runner.name = f"m={int(m)}"
+        runners.append(runner)
+    timing = compare(runners, rounds=rounds, calls_per_round=2)
+    base = timing[runners[0].name]["median_s"]
+    rows = [
+        {
+            "num_examples": r.num_examples,
+            "step_s": timing[r.name]["median_s"],
+            "step_min_s": timing[r.name]["min_s"],
+            "relative_to_smallest": timing[r.name]["median_s"] / base,
+            "compile_s": r.compile_s,
+            "table_bytes": int(r.table.nbytes),
+            "sampler_state_bytes": _tree_bytes(r.state.sampler_state),
+        }
+        for r in runners
+    ]
+    largest = rows[-1]["step_s"]
+    return {
+        "model": MODELS[model][2],
+        "batch_size": batch_size,
+        "rows": rows,
+        "largest_over_smallest": largest / base,
+    }
+
+
+def _tree_bytes(tree: Any) -> int:
+    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
+
+
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def sampler_state_memory(num_examples: int = 1_000_000) -> dict[str, Any]:
+    """Bytes of each sampler's state for ``num_examples`` examples, computed and measured.
+
+    ``computed`` sums the arrays' sizes (``jax.eval_shape``, nothing allocated);
+    ``measured`` is the growth of the process's resident memory when the state
+    is created on the default device (CPU: host memory; None where unavailable).
+    The embedding cache's table is m x D: reported for the digits (D = 64)
+    and ResNet-18 (D = 128) heads.
+    """
+    sampler_config = config_lib.base_config().sampler
+    cases = {
+        "emc2": (methods.METHODS["emc2"], 0),
+        "sogclr": (methods.METHODS["sogclr"], 0),
+        "embedding_cache_d64": (methods.METHODS["embedding_cache"], 64),
+        "embedding_cache_d128": (methods.METHODS["embedding_cache"], 128),
+    }
+    out: dict[str, Any] = {}
+    for name, (method, dim) in cases.items():
+        shapes = jax.eval_shape(lambda m=method, d=dim: m.init_sampler(num_examples, sampler_config, d))
+        computed = _tree_bytes(shapes)
+        before = _resident_bytes()
+        state = block(method.init_sampler(num_examples, sampler_config, dim))
+        after = _resident_bytes()
+        measured = None if before is None or after is None else max(after - before, 0)
+        del state
+        out[name] = {
+            "computed_bytes": computed,
+            "computed_bytes_per_example": computed / num_examples,
+            "measured_resident_growth_bytes": measured,
+            "arrays": {
+                field: f"{leaf.shape} {leaf.dtype}"
+                for field, leaf in zip(shapes._fields, shapes, strict=True)
+            },
+        }
+    return {"num_examples": num_examples, "states": out}
+
+
+def _sizes(quick: bool) -> dict[str, Any]:
+    if os.environ.get("EMC2JAX_BENCH_TINY"):
+        # Smoke-test sizes (tests/test_benchmarks.py): every code path, nothing timed seriously.
+        return {
+            "digits_batch": 16,
+            "rounds": 1,
+            "resnet": None,
+            "methods": ("simclr", "emc2"),
+            "batch_sizes": (16,),
+            "dataset_sizes": (64, 256),
+            "dataset_batch": 16,
+            "memory_examples": 10_000,
+        }
+    if quick:
+        return {
+            "digits_batch": 256,
+            "rounds": 6,
+            # ResNet-18 at batch 256 takes many seconds per step on 2 CPU cores.
+            "resnet": {"batch_size": 16, "rounds": 2},
+            "methods": ("simclr", "dcl", "sogclr", "emc2", "embedding_cache"),
+            "batch_sizes": (32, 1024),
+            "dataset_sizes": (1_000, 1_000_000),
+            "dataset_batch": 256,
+            "memory_examples": 1_000_000,
+        }
+    return {
+        "digits_batch": 256,
+        "rounds": 12,
+        "resnet": {"batch_size": 256, "rounds": 2},
+        "methods": ("simclr", "dcl", "clip", "sogclr", "emc2", "embedding_cache", "exact"),
+        "batch_sizes": (32, 64, 128, 512, 1024),
+        "dataset_sizes": (1_000, 10_000, 100_000, 1_000_000),
+        "dataset_batch": 256,
+        "memory_examples": 1_000_000,
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """All the train-step figures (quick: fewer sizes, a small ResNet batch)."""
+    sizes = _sizes(quick)
+    b = sizes["digits_batch"]
+    result: dict[str, Any] = {"benchmark": "bench_train_step", "quick": quick}
+    result["machine"] = machine_info()
+    result["load_average_before"] = os.getloadavg()
+
+    digits = emc2_vs_simclr("digits_convnet", b, rounds=sizes["rounds"], with_stub=True)
+    result["digits_convnet"] = digits
+    ratios = {"digits_convnet": digits["emc2_over_simclr_step_time"]}
+    if sizes["resnet"] is not None:
+        resnet = emc2_vs_simclr(
+            "resnet18_32",
+            sizes["resnet"]["batch_size"],
+            rounds=sizes["resnet"]["rounds"],
+            calls_per_round=1,
+            with_stub=False,
+        )
+        result["resnet18_32"] = resnet
+        ratios["resnet18_32"] = resnet["emc2_over_simclr_step_time"]
+    result["emc2_over_simclr_step_time"] = ratios
+    result["sampler_fraction_of_emc2_step"] = digits["sampler_fraction_of_emc2_step"]
+
+    result["per_method_digits"] = per_method(
+        sizes["methods"], "digits_convnet", b, rounds=max(2, sizes["rounds"] // 2)
+    )
+    throughput = {"digits_convnet": result["per_method_digits"]["methods"]}
+    if sizes["resnet"] is not None:
+        throughput["resnet18_32"] = result["resnet18_32"]["throughput"]
+    result["steps_per_second"] = {
+        model: {name: t["steps_per_second"] for name, t in rows.items()}
+        for model, rows in throughput.items()
+    }
+    result["examples_per_second"] = {
+        model: {name: t["examples_per_second"] for name, t in rows.items()}
+        for model, rows in throughput.items()
+    }
+    # The batch size the 256-row figures above already give is not re-measured.
+    result["batch_scaling"] = batch_scaling(sizes["batch_sizes"], rounds=max(2, sizes["rounds"] // 2))
+    result["batch_scaling"]["rows"].append(
+        {
+            "batch_size": b,
+            "simclr_step_s": digits["timing"]["simclr"]["median_s"],
+            "emc2_step_s": digits["timing"]["emc2"]["median_s"],
+            "emc2_over_simclr": digits["emc2_over_simclr_step_time"],
+            "emc2_us_per_example": 1e6 * digits["timing"]["emc2"]["median_s"] / b,
+            "compile_s": digits["compile_s"],
+        }
+    )
+    result["batch_scaling"]["rows"].sort(key=lambda row: row["batch_size"])
+    result["dataset_scaling"] = dataset_scaling(
+        sizes["dataset_sizes"], batch_size=sizes["dataset_batch"], rounds=sizes["rounds"]
+    )
+    result["sampler_state_memory"] = sampler_state_memory(sizes["memory_examples"])
+    result["sampler_state_bytes_per_million"] = {
+        name: 1e6 * row["computed_bytes_per_example"]
+        for name, row in result["sampler_state_memory"]["states"].items()
+    }
+    result["load_average_after"] = os.getloadavg()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    result = run(quick=args.quick)
+    print("emc2_over_simclr_step_time:", result["emc2_over_simclr_step_time"])
+    print("sampler_fraction_of_emc2_step:", result["sampler_fraction_of_emc2_step"])
+    print("steps_per_second:", result["steps_per_second"])
+    print("dataset_scaling largest/smallest:", result["dataset_scaling"]["largest_over_smallest"])
+    print("sampler_state_bytes_per_million:", result["sampler_state_bytes_per_million"])
+    if args.out is not None:
+        save_json(args.out / "bench_train_step.json", result)
+
+
+if __name__ == "__main__":
+    main()
