@@ -16,9 +16,13 @@ once per view on the same chain).
   state), the same log-space arithmetic, then the visit counts per column.
 
 The headline figure is ``mh_sweep_speedup_vs_numpy_loop`` at B = 256 (target
->= 3 on a 2-core CPU). The share of the sweep in a full EMC² training step
-(target <= 5%, digits ConvNet, B = 256) needs the training step: see
-:func:`time_emc2_train_step`, the hook that fills ``sweep_share_of_train_step``.
+>= 3 on a 2-core CPU). ``sweep_share_of_train_step`` divides the jitted sweep's
+time by a full EMC² training step's (digits ConvNet, B = 256, timed by
+``benchmarks/bench_train_step.py``); the suite's headline share
+(``sampler_fraction_of_emc2_step``) is measured inside the step instead, against
+a step whose sampler is stubbed out. ``sweep_options`` times the sweep's
+``unroll`` and ``chunk_size`` settings side by side (the defaults, 1 and 256 on
+CPU, come from it).
 
 Run: ``python benchmarks/bench_sampler.py [--quick] [--out DIR]``.
 """
@@ -26,6 +30,7 @@ Run: ``python benchmarks/bench_sampler.py [--quick] [--out DIR]``.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import statistics
 import sys
@@ -114,7 +119,9 @@ def numpy_mh_sweep(
     return weights[..., :p], weights[..., p], column, current
 
 
-def _jax_step(problem: dict[str, np.ndarray], burn_in: int):
+def _jax_step(
+    problem: dict[str, np.ndarray], burn_in: int, *, unroll: int = 1, chunk_size: int | None = None
+):
     b = problem["scores"].shape[0]
     state = emc2.init(4 * b)
     state = state._replace(log_score=state.log_score.at[:b].set(problem["cached"]))
@@ -140,6 +147,8 @@ def _jax_step(problem: dict[str, np.ndarray], burn_in: int):
             proposal_aug=jnp.zeros_like(column_index),
             proposal_mask=mask,
             burn_in=burn_in,
+            unroll=unroll,
+            chunk_size=chunk_size,
         )
 
     keys = iter(jax.random.split(jax.random.key(0), 10_000))
@@ -147,41 +156,96 @@ def _jax_step(problem: dict[str, np.ndarray], burn_in: int):
 
 
 def time_emc2_train_step(batch_size: int, quick: bool) -> float | None:
-    """Seconds of one full EMC² training step (digits ConvNet, batch ``batch_size``).
+    """Median seconds of one full EMC² training step (digits ConvNet, batch ``batch_size``).
 
-    Hook for the training engine: return the median seconds of a jitted EMC²
-    train step on the digits ConvNet, or None while it is not available (the
-    share is then reported as None).
+    The compiled data-parallel step of ``benchmarks/bench_train_step.py`` (one
+    device, state donated), shared with that benchmark when both run in one
+    process (``benchmarks/run.py``).
     """
-    del batch_size, quick
-    return None
+    from benchmarks import bench_train_step
+
+    return bench_train_step.emc2_step_seconds(batch_size, rounds=2 if quick else 4)
+
+
+def sweep_options(
+    batch_size: int,
+    *,
+    unrolls: tuple[int, ...] = (1, 2, 4),
+    chunk_sizes: tuple[int, ...] = (64, 256, 1024),
+    rounds: int = 4,
+) -> dict[str, Any]:
+    """The sweep's time for each ``unroll`` x ``chunk_size``, side by side (CPU defaults).
+
+    Returns rows ``{unroll, chunk_size, jax_s, jax_cpu_s}`` (chunk sizes above
+    B are the same program as chunk_size = B and are skipped) and the fastest.
+    """
+    problem = in_batch_problem(batch_size)
+    chunks = sorted({min(c, batch_size) for c in chunk_sizes})
+    steps = {(u, c): _jax_step(problem, 0, unroll=u, chunk_size=c) for u in unrolls for c in chunks}
+    compile_s = {k: time_call(fn, repeats=1, warmup=2)["first_call_s"] for k, fn in steps.items()}
+    wall: dict[tuple[int, int], list[float]] = {k: [] for k in steps}
+    cpu: dict[tuple[int, int], list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            for call in range(4):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                block(fn())
+                if call:
+                    wall[k].append(time.perf_counter() - start)
+                    cpu[k].append(time.process_time() - start_cpu)
+    rows = [
+        {
+            "unroll": u,
+            "chunk_size": c,
+            "jax_s": statistics.median(wall[(u, c)]),
+            "jax_cpu_s": statistics.median(cpu[(u, c)]),
+            "compile_s": compile_s[(u, c)],
+        }
+        for u, c in steps
+    ]
+    best = min(rows, key=lambda row: row["jax_cpu_s"])
+    return {
+        "batch_size": batch_size,
+        "rows": rows,
+        "fastest": {"unroll": best["unroll"], "chunk_size": best["chunk_size"]},
+    }
 
 
 def _alternating_seconds(jax_fn, numpy_fn, rounds: int) -> dict[str, float]:
     """Times the two in alternating blocks of warm calls (drift in load hits both alike).
 
     Each round runs a block of 4 calls of each (the first call of a block only
-    warms the caches and is not kept); medians and minima over all kept calls.
+    warms the caches and is not kept); medians and minima of the wall-clock
+    times and medians of the process's CPU times over all kept calls.
     """
-    samples: dict[str, list[float]] = {"jax": [], "numpy": []}
+    wall: dict[str, list[float]] = {"jax": [], "numpy": []}
+    cpu: dict[str, list[float]] = {"jax": [], "numpy": []}
     for _ in range(rounds):
         for name, fn in (("jax", lambda: block(jax_fn())), ("numpy", numpy_fn)):
             for call in range(4):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
                 if call:
-                    samples[name].append(time.perf_counter() - start)
+                    wall[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - start_cpu)
     return {
-        "jax_s": statistics.median(samples["jax"]),
-        "jax_min_s": min(samples["jax"]),
-        "numpy_loop_s": statistics.median(samples["numpy"]),
-        "numpy_loop_min_s": min(samples["numpy"]),
+        "jax_s": statistics.median(wall["jax"]),
+        "jax_min_s": min(wall["jax"]),
+        "jax_cpu_s": statistics.median(cpu["jax"]),
+        "numpy_loop_s": statistics.median(wall["numpy"]),
+        "numpy_loop_min_s": min(wall["numpy"]),
+        "numpy_loop_cpu_s": statistics.median(cpu["numpy"]),
     }
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    """Times the sweep for B in {64, 256, 1024} (quick: {64, 256}); returns the figures."""
-    sizes = (64, 256) if quick else (64, 256, 1024)
+    """Times the sweep for B in {64, 256, 1024} (quick: {64, 256}); returns the figures.
+
+    ``EMC2JAX_BENCH_TINY=1`` (the smoke test): B = 16 only.
+    """
+    tiny = bool(os.environ.get("EMC2JAX_BENCH_TINY"))
+    sizes = (16,) if tiny else (64, 256) if quick else (64, 256, 1024)
+    headline_b = sizes[-1] if tiny else 256
     rows = []
     for b in sizes:
         problem = in_batch_problem(b)
@@ -194,7 +258,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         def numpy_loop(problem=problem, rng=rng):
             return numpy_mh_sweep(problem["scores"], problem["mask"], problem["cached"], 0, rng)
 
-        rounds = (2 if b >= 1024 else 4) if quick else (3 if b >= 1024 else 10)
+        rounds = 1 if tiny else (2 if b >= 1024 else 6) if quick else (3 if b >= 1024 else 10)
         timing = _alternating_seconds(step, numpy_loop, rounds)
         rows.append(
             {
@@ -205,11 +269,18 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "jax_compile_and_first_call_s": compile_s,
                 "speedup_vs_numpy_loop": timing["numpy_loop_s"] / timing["jax_s"],
                 "speedup_vs_numpy_loop_min": timing["numpy_loop_min_s"] / timing["jax_min_s"],
+                "speedup_vs_numpy_loop_cpu": timing["numpy_loop_cpu_s"] / timing["jax_cpu_s"],
                 "jax_ns_per_proposal": 1e9 * timing["jax_s"] / (b * NUM_VIEWS * p),
             }
         )
-    at_256 = next(r for r in rows if r["batch_size"] == 256)
-    train_step_s = time_emc2_train_step(256, quick)
+    head = next(r for r in rows if r["batch_size"] == headline_b)
+    train_step_s = time_emc2_train_step(headline_b, quick)
+    options = sweep_options(
+        headline_b,
+        unrolls=(1,) if tiny else (1, 2) if quick else (1, 2, 4, 8),
+        chunk_sizes=(8,) if tiny else (64, 256) if quick else (32, 64, 128, 256),
+        rounds=1 if tiny else 3 if quick else 6,
+    )
     return {
         "benchmark": "bench_sampler",
         "quick": quick,
@@ -219,12 +290,13 @@ def run(quick: bool = False) -> dict[str, Any]:
         "sweep, weights, table write-back, info) vs the NumPy per-proposal loop; medians of "
         "warm calls timed in alternating blocks",
         "rows": rows,
-        "mh_sweep_speedup_vs_numpy_loop": at_256["speedup_vs_numpy_loop"],
-        "mh_sweep_s_at_256": at_256["jax_s"],
-        "train_step_s_at_256": train_step_s,
-        "sweep_share_of_train_step": None
-        if train_step_s is None
-        else at_256["jax_s"] / train_step_s,
+        "headline_batch_size": headline_b,
+        "mh_sweep_speedup_vs_numpy_loop": head["speedup_vs_numpy_loop"],
+        "mh_sweep_speedup_vs_numpy_loop_cpu": head["speedup_vs_numpy_loop_cpu"],
+        "mh_sweep_s": head["jax_s"],
+        "train_step_s": train_step_s,
+        "sweep_share_of_train_step": None if train_step_s is None else head["jax_s"] / train_step_s,
+        "sweep_options": options,
     }
 
 
@@ -241,6 +313,8 @@ def main() -> None:
             f"speedup {row['speedup_vs_numpy_loop']:5.1f}x"
         )
     print(f"mh_sweep_speedup_vs_numpy_loop (B=256): {result['mh_sweep_speedup_vs_numpy_loop']:.2f}")
+    print(f"sweep_share_of_train_step: {result['sweep_share_of_train_step']:.3f}")
+    print(f"fastest sweep options: {result['sweep_options']['fastest']}")
     if args.out is not None:
         save_json(args.out / "bench_sampler.json", result)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import pathlib
 import statistics
@@ -67,6 +68,8 @@ MODELS: dict[str, tuple[Callable[[str], ml_collections.ConfigDict], tuple[int, .
     # A small MLP on 8x8 digits: the encoder costs little, so any growth of the
     # step with the dataset size m (an O(m) copy of a table) would show.
     "digits_mlp": (lambda method: _digits_mlp(method), (8, 8, 1), "MLP 64-256-256, 8x8x1"),
+    # Smoke-test size (tests/test_benchmarks.py): compiles in seconds.
+    "tiny_mlp": (lambda method: _tiny_mlp(method), (8, 8, 1), "MLP 64-16, no augmentation"),
 }
 
 # The digits training split has 1797 examples.
@@ -85,6 +88,16 @@ def _digits_mlp(method: str) -> ml_collections.ConfigDict:
     c = config_lib.digits_config(method)
     c.model.name = "mlp"
     c.model.hidden_dims = (256, 256)
+    return c
+
+
+def _tiny_mlp(method: str) -> ml_collections.ConfigDict:
+    c = config_lib.digits_config(method)
+    c.model.name = "mlp"
+    c.model.hidden_dims = (16,)
+    c.model.head_hidden_dims = ()
+    c.model.embedding_dim = 8
+    c.dataset.augmentation = "identity"
     return c
 
 
@@ -308,8 +321,47 @@ def build_runner(
     return runner
 
 
+_RUNNERS: dict[tuple, StepRunner] = {}
+
+
+def get_runner(
+    method: str,
+    *,
+    model: str = "digits_convnet",
+    batch_size: int = 256,
+    num_examples: int | None = None,
+    sampler_stub: bool = False,
+) -> StepRunner:
+    """:func:`build_runner`, memoised: the figures that share a step share one compile.
+
+    ``num_examples`` None: the digits training set's size, or 4B if larger.
+    """
+    if num_examples is None:
+        num_examples = max(DIGITS_EXAMPLES, 4 * batch_size)
+    key = (method, model, batch_size, num_examples, sampler_stub)
+    if key not in _RUNNERS:
+        _RUNNERS[key] = build_runner(
+            method,
+            model=model,
+            batch_size=batch_size,
+            num_examples=num_examples,
+            sampler_stub=sampler_stub,
+        )
+    return _RUNNERS[key]
+
+
+def clear_runners(model: str | None = None) -> None:
+    """Drops the memoised runners of ``model`` (all if None) and their device buffers."""
+    for key in [k for k in _RUNNERS if model is None or k[1] == model]:
+        del _RUNNERS[key]
+
+
 def compare(
-    runners: Sequence[StepRunner], *, rounds: int, calls_per_round: int = 3
+    runners: Sequence[StepRunner],
+    *,
+    rounds: int,
+    calls_per_round: int = 3,
+    labels: Sequence[str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Times the runners side by side: ``rounds`` rounds of a block of calls of each.
 
@@ -317,20 +369,24 @@ def compare(
     other runner); medians and minima over the kept calls.
 
     Returns:
-      ``{name: {"median_s", "min_s", "cpu_median_s", "samples"}}``: wall-clock
+      ``{label: {"median_s", "min_s", "cpu_median_s", "samples"}}`` (labels
+      default to the runners' names): wall-clock
       seconds per step (median, minimum) and the median CPU seconds the process
-      spent per step (all threads; less sensitive to other processes' load).
+      spent per step (all threads). On a shared machine the CPU time is the
+      steadier measure of the work a step does: wall time also counts the time
+      the process waited for a core.
     """
-    wall: dict[str, list[float]] = {r.name: [] for r in runners}
-    cpu: dict[str, list[float]] = {r.name: [] for r in runners}
+    labels = [r.name for r in runners] if labels is None else list(labels)
+    wall: dict[str, list[float]] = {label: [] for label in labels}
+    cpu: dict[str, list[float]] = {label: [] for label in labels}
     for _ in range(rounds):
-        for runner in runners:
+        for label, runner in zip(labels, runners, strict=True):
             for call in range(calls_per_round + 1):
                 start, start_cpu = time.perf_counter(), time.process_time()
                 block(runner())
                 if call:
-                    wall[runner.name].append(time.perf_counter() - start)
-                    cpu[runner.name].append(time.process_time() - start_cpu)
+                    wall[label].append(time.perf_counter() - start)
+                    cpu[label].append(time.process_time() - start_cpu)
     return {
         name: {
             "median_s": statistics.median(s),
@@ -346,10 +402,20 @@ def _throughput(runner: StepRunner, timing: dict[str, float]) -> dict[str, Any]:
     return {
         "step_s": timing["median_s"],
         "step_min_s": timing["min_s"],
+        "step_cpu_s": timing["cpu_median_s"],
         "steps_per_second": 1.0 / timing["median_s"],
         "examples_per_second": runner.batch_size / timing["median_s"],
         "compile_s": runner.compile_s,
         "traces": runner.traces,
+    }
+
+
+def _ratio(timing: dict[str, dict[str, float]], a: str, b: str) -> dict[str, float]:
+    """``a / b`` by the wall-clock median, the wall-clock minimum and the CPU-time median."""
+    return {
+        "median": timing[a]["median_s"] / timing[b]["median_s"],
+        "min": timing[a]["min_s"] / timing[b]["min_s"],
+        "cpu": timing[a]["cpu_median_s"] / timing[b]["cpu_median_s"],
     }
 
 
@@ -359,83 +425,61 @@ def _throughput(runner: StepRunner, timing: dict[str, float]) -> dict[str, Any]:
 
 
 def emc2_vs_simclr(
-    model: str, batch_size: int, *, rounds: int, calls_per_round: int = 3, with_stub: bool
+    model: str,
+    batch_size: int,
+    *,
+    rounds: int,
+    calls_per_round: int = 3,
+    with_stub: bool,
+    others: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """EMC², SimCLR (and the sampler-stubbed EMC²) on ``model`` at ``batch_size``, side by side."""
-    num_examples = max(DIGITS_EXAMPLES, 4 * batch_size)
-    runners = [
-        build_runner(name, model=model, batch_size=batch_size, num_examples=num_examples)
-        for name in ("simclr", "emc2")
-    ]
+    """EMC², SimCLR (the stubbed EMC², other methods) on ``model`` at ``batch_size``, side by side.
+
+    Returns the timings, compile times, trace counts, throughput of every
+    runner, ``emc2_over_simclr`` and (``with_stub``) ``sampler_fraction``,
+    each as wall-clock median / wall-clock minimum / CPU-time median figures.
+    """
+    names = ["simclr", "emc2", *[m for m in others if m not in ("simclr", "emc2")]]
+    runners = [get_runner(name, model=model, batch_size=batch_size) for name in names]
     if with_stub:
-        runners.append(
-            build_runner(
-                "emc2", model=model, batch_size=batch_size, num_examples=num_examples,
-                sampler_stub=True,
-            )
-        )
+        runners.append(get_runner("emc2", model=model, batch_size=batch_size, sampler_stub=True))
     timing = compare(runners, rounds=rounds, calls_per_round=calls_per_round)
-    simclr, full = timing["simclr"], timing["emc2"]
     result: dict[str, Any] = {
         "model": MODELS[model][2],
         "batch_size": batch_size,
-        "num_examples": num_examples,
+        "num_examples": runners[0].num_examples,
         "timing": timing,
         "compile_s": {r.name: r.compile_s for r in runners},
         "traces": {r.name: r.traces for r in runners},
-        "emc2_over_simclr_step_time": full["median_s"] / simclr["median_s"],
-        "emc2_over_simclr_step_time_min": full["min_s"] / simclr["min_s"],
+        "emc2_over_simclr": _ratio(timing, "emc2", "simclr"),
         "throughput": {r.name: _throughput(r, timing[r.name]) for r in runners},
     }
     if with_stub:
-        stub = timing["emc2_stub"]
-        result["sampler_fraction_of_emc2_step"] = 1.0 - stub["median_s"] / full["median_s"]
-        result["sampler_fraction_of_emc2_step_min"] = 1.0 - stub["min_s"] / full["min_s"]
-        result["sampler_s"] = full["median_s"] - stub["median_s"]
+        stub_over_full = _ratio(timing, "emc2_stub", "emc2")
+        result["sampler_fraction"] = {k: 1.0 - v for k, v in stub_over_full.items()}
+        result["sampler_s"] = timing["emc2"]["median_s"] - timing["emc2_stub"]["median_s"]
     return result
-
-
-def per_method(
-    method_names: Sequence[str], model: str, batch_size: int, *, rounds: int
-) -> dict[str, Any]:
-    """Steps and examples per second of each method (timed side by side)."""
-    num_examples = max(DIGITS_EXAMPLES, 4 * batch_size)
-    runners = [
-        build_runner(name, model=model, batch_size=batch_size, num_examples=num_examples)
-        for name in method_names
-    ]
-    timing = compare(runners, rounds=rounds)
-    return {
-        "model": MODELS[model][2],
-        "batch_size": batch_size,
-        "num_examples": num_examples,
-        "methods": {r.name: _throughput(r, timing[r.name]) for r in runners},
-    }
 
 
 def batch_scaling(
     batch_sizes: Sequence[int], *, model: str = "digits_convnet", rounds: int
 ) -> dict[str, Any]:
-    """EMC² and SimCLR step time against the batch size B."""
+    """EMC² and SimCLR step time against the batch size B (each B side by side)."""
     rows = []
     for b in batch_sizes:
-        num_examples = max(DIGITS_EXAMPLES, 4 * b)
-        runners = [
-            build_runner(name, model=model, batch_size=b, num_examples=num_examples)
-            for name in ("simclr", "emc2")
-        ]
+        runners = [get_runner(name, model=model, batch_size=b) for name in ("simclr", "emc2")]
         timing = compare(runners, rounds=rounds, calls_per_round=2)
         rows.append(
             {
                 "batch_size": b,
                 "simclr_step_s": timing["simclr"]["median_s"],
                 "emc2_step_s": timing["emc2"]["median_s"],
-                "emc2_over_simclr": timing["emc2"]["median_s"] / timing["simclr"]["median_s"],
+                "emc2_over_simclr": _ratio(timing, "emc2", "simclr")["median"],
+                "emc2_over_simclr_cpu": _ratio(timing, "emc2", "simclr")["cpu"],
                 "emc2_us_per_example": 1e6 * timing["emc2"]["median_s"] / b,
                 "compile_s": {r.name: r.compile_s for r in runners},
             }
         )
-        del runners
     return {"model": MODELS[model][2], "rows": rows}
 
 
@@ -444,39 +488,44 @@ def dataset_scaling(
 ) -> dict[str, Any]:
     """EMC² step time against the dataset size m (chain table and image table on device).
 
-    All sizes are built first and then timed side by side, so the ratio to the
-    smallest m is not skewed by drift in the machine's load.
+    All sizes are built first and then timed side by side, so the ratios to
+    the smallest m are not skewed by drift in the machine's load. The state
+    (chain table included) is donated, so the chain update is an in-place
+    O(B) scatter; the image table is read, never copied.
     """
-    runners = []
-    for m in sizes:
-        runner = build_runner("emc2", model=model, batch_size=batch_size, num_examples=int(m))
-        runner.name = f"m={int(m)}"
-        runners.append(runner)
-    timing = compare(runners, rounds=rounds, calls_per_round=2)
-    base = timing[runners[0].name]["median_s"]
+    runners = [
+        get_runner("emc2", model=model, batch_size=batch_size, num_examples=int(m)) for m in sizes
+    ]
+    names = [f"m={r.num_examples}" for r in runners]
+    timing = compare(runners, rounds=rounds, calls_per_round=2, labels=names)
+    base = timing[names[0]]
     rows = [
         {
             "num_examples": r.num_examples,
-            "step_s": timing[r.name]["median_s"],
-            "step_min_s": timing[r.name]["min_s"],
-            "relative_to_smallest": timing[r.name]["median_s"] / base,
+            "step_s": timing[n]["median_s"],
+            "step_min_s": timing[n]["min_s"],
+            "step_cpu_s": timing[n]["cpu_median_s"],
+            "relative_to_smallest": timing[n]["median_s"] / base["median_s"],
+            "relative_to_smallest_cpu": timing[n]["cpu_median_s"] / base["cpu_median_s"],
             "compile_s": r.compile_s,
-            "table_bytes": int(r.table.nbytes),
+            "image_table_bytes": int(r.table.nbytes),
             "sampler_state_bytes": _tree_bytes(r.state.sampler_state),
         }
-        for r in runners
+        for r, n in zip(runners, names, strict=True)
     ]
-    largest = rows[-1]["step_s"]
     return {
         "model": MODELS[model][2],
         "batch_size": batch_size,
         "rows": rows,
-        "largest_over_smallest": largest / base,
+        "largest_over_smallest": rows[-1]["relative_to_smallest"],
+        "largest_over_smallest_cpu": rows[-1]["relative_to_smallest_cpu"],
     }
 
 
 def _tree_bytes(tree: Any) -> int:
-    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
+    return int(
+        sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    )
 
 
 def _resident_bytes() -> int | None:
@@ -490,70 +539,78 @@ def _resident_bytes() -> int | None:
 def sampler_state_memory(num_examples: int = 1_000_000) -> dict[str, Any]:
     """Bytes of each sampler's state for ``num_examples`` examples, computed and measured.
 
-    ``computed`` sums the arrays' sizes (``jax.eval_shape``, nothing allocated);
-    ``measured`` is the growth of the process's resident memory when the state
-    is created on the default device (CPU: host memory; None where unavailable).
-    The embedding cache's table is m x D: reported for the digits (D = 64)
-    and ResNet-18 (D = 128) heads.
+    ``computed_bytes`` sums the arrays' sizes (``jax.eval_shape``, nothing
+    allocated); ``measured_resident_growth_bytes`` is the growth of the
+    process's resident memory when the state is created on the default device
+    (on CPU the state lives in host memory; None where /proc is unavailable).
+    The embedding cache's table is m x D: reported for the digits head
+    (D = 64) and the ResNet-18 head (D = 128).
     """
     sampler_config = config_lib.base_config().sampler
     cases = {
-        "emc2": (methods.METHODS["emc2"], 0),
-        "sogclr": (methods.METHODS["sogclr"], 0),
-        "embedding_cache_d64": (methods.METHODS["embedding_cache"], 64),
-        "embedding_cache_d128": (methods.METHODS["embedding_cache"], 128),
+        "emc2": ("emc2", 0),
+        "sogclr": ("sogclr", 0),
+        "embedding_cache_d64": ("embedding_cache", 64),
+        "embedding_cache_d128": ("embedding_cache", 128),
     }
     out: dict[str, Any] = {}
-    for name, (method, dim) in cases.items():
-        shapes = jax.eval_shape(lambda m=method, d=dim: m.init_sampler(num_examples, sampler_config, d))
-        computed = _tree_bytes(shapes)
+    for name, (method_name, dim) in cases.items():
+        init = functools.partial(
+            methods.METHODS[method_name].init_sampler, num_examples, sampler_config, dim
+        )
+        shapes = jax.eval_shape(init)
         before = _resident_bytes()
-        state = block(method.init_sampler(num_examples, sampler_config, dim))
+        state = block(init())
         after = _resident_bytes()
-        measured = None if before is None or after is None else max(after - before, 0)
         del state
         out[name] = {
-            "computed_bytes": computed,
-            "computed_bytes_per_example": computed / num_examples,
-            "measured_resident_growth_bytes": measured,
+            "computed_bytes": _tree_bytes(shapes),
+            "computed_bytes_per_example": _tree_bytes(shapes) / num_examples,
+            "measured_resident_growth_bytes": None
+            if before is None or after is None
+            else max(after - before, 0),
             "arrays": {
-                field: f"{leaf.shape} {leaf.dtype}"
+                field: f"{tuple(leaf.shape)} {leaf.dtype}"
                 for field, leaf in zip(shapes._fields, shapes, strict=True)
             },
         }
     return {"num_examples": num_examples, "states": out}
 
 
-def _sizes(quick: bool) -> dict[str, Any]:
+def sizes(quick: bool) -> dict[str, Any]:
+    """What :func:`run` measures; ``EMC2JAX_BENCH_TINY=1`` gives smoke-test sizes."""
     if os.environ.get("EMC2JAX_BENCH_TINY"):
-        # Smoke-test sizes (tests/test_benchmarks.py): every code path, nothing timed seriously.
+        # Every code path at sizes that compile in seconds; the figures mean nothing.
         return {
-            "digits_batch": 16,
+            "model": "tiny_mlp",
+            "batch_size": 16,
             "rounds": 1,
-            "resnet": None,
             "methods": ("simclr", "emc2"),
+            "resnet": None,
             "batch_sizes": (16,),
-            "dataset_sizes": (64, 256),
+            "scaling_model": "tiny_mlp",
+            "dataset_sizes": (DIGITS_EXAMPLES,),
             "dataset_batch": 16,
             "memory_examples": 10_000,
         }
+    common = {"model": "digits_convnet", "batch_size": 256, "scaling_model": "digits_mlp"}
     if quick:
         return {
-            "digits_batch": 256,
+            **common,
             "rounds": 6,
-            # ResNet-18 at batch 256 takes many seconds per step on 2 CPU cores.
+            "methods": ("simclr", "sogclr", "emc2", "embedding_cache"),
+            # ResNet-18 at batch 256 takes tens of seconds per step on 2 CPU cores.
             "resnet": {"batch_size": 16, "rounds": 2},
-            "methods": ("simclr", "dcl", "sogclr", "emc2", "embedding_cache"),
             "batch_sizes": (32, 1024),
             "dataset_sizes": (1_000, 1_000_000),
             "dataset_batch": 256,
             "memory_examples": 1_000_000,
         }
     return {
-        "digits_batch": 256,
-        "rounds": 12,
-        "resnet": {"batch_size": 256, "rounds": 2},
+        **common,
+        "rounds": 10,
         "methods": ("simclr", "dcl", "clip", "sogclr", "emc2", "embedding_cache", "exact"),
+        "resnet": {"batch_size": 256, "rounds": 1},
         "batch_sizes": (32, 64, 128, 512, 1024),
         "dataset_sizes": (1_000, 10_000, 100_000, 1_000_000),
         "dataset_batch": 256,
@@ -562,66 +619,77 @@ def _sizes(quick: bool) -> dict[str, Any]:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    """All the train-step figures (quick: fewer sizes, a small ResNet batch)."""
-    sizes = _sizes(quick)
-    b = sizes["digits_batch"]
-    result: dict[str, Any] = {"benchmark": "bench_train_step", "quick": quick}
-    result["machine"] = machine_info()
-    result["load_average_before"] = os.getloadavg()
+    """All the train-step figures (quick: fewer sizes and methods, ResNet-18 at batch 16)."""
+    size = sizes(quick)
+    model, b, rounds = size["model"], size["batch_size"], size["rounds"]
+    result: dict[str, Any] = {
+        "benchmark": "bench_train_step",
+        "quick": quick,
+        "machine": machine_info(),
+        "load_average_before": os.getloadavg(),
+        "num_devices": 1,
+    }
 
-    digits = emc2_vs_simclr("digits_convnet", b, rounds=sizes["rounds"], with_stub=True)
-    result["digits_convnet"] = digits
-    ratios = {"digits_convnet": digits["emc2_over_simclr_step_time"]}
-    if sizes["resnet"] is not None:
+    digits = emc2_vs_simclr(model, b, rounds=rounds, with_stub=True, others=size["methods"])
+    result["digits"] = digits
+    ratios = {"digits_convnet": digits["emc2_over_simclr"]}
+    throughput = {"digits_convnet": digits["throughput"]}
+    if size["resnet"] is not None:
         resnet = emc2_vs_simclr(
             "resnet18_32",
-            sizes["resnet"]["batch_size"],
-            rounds=sizes["resnet"]["rounds"],
+            size["resnet"]["batch_size"],
+            rounds=size["resnet"]["rounds"],
             calls_per_round=1,
             with_stub=False,
         )
         result["resnet18_32"] = resnet
-        ratios["resnet18_32"] = resnet["emc2_over_simclr_step_time"]
-    result["emc2_over_simclr_step_time"] = ratios
-    result["sampler_fraction_of_emc2_step"] = digits["sampler_fraction_of_emc2_step"]
+        ratios["resnet18_32"] = resnet["emc2_over_simclr"]
+        throughput["resnet18_32"] = resnet["throughput"]
+        clear_runners("resnet18_32")  # Large buffers that nothing else reuses.
 
-    result["per_method_digits"] = per_method(
-        sizes["methods"], "digits_convnet", b, rounds=max(2, sizes["rounds"] // 2)
-    )
-    throughput = {"digits_convnet": result["per_method_digits"]["methods"]}
-    if sizes["resnet"] is not None:
-        throughput["resnet18_32"] = result["resnet18_32"]["throughput"]
+    # Headline figures: the wall-clock medians; *_cpu the CPU-time medians.
+    result["emc2_over_simclr_step_time"] = {k: v["median"] for k, v in ratios.items()}
+    result["emc2_over_simclr_step_time_cpu"] = {k: v["cpu"] for k, v in ratios.items()}
+    result["sampler_fraction_of_emc2_step"] = digits["sampler_fraction"]["median"]
+    result["sampler_fraction_of_emc2_step_cpu"] = digits["sampler_fraction"]["cpu"]
     result["steps_per_second"] = {
-        model: {name: t["steps_per_second"] for name, t in rows.items()}
-        for model, rows in throughput.items()
+        m: {name: t["steps_per_second"] for name, t in rows.items()}
+        for m, rows in throughput.items()
     }
     result["examples_per_second"] = {
-        model: {name: t["examples_per_second"] for name, t in rows.items()}
-        for model, rows in throughput.items()
+        m: {name: t["examples_per_second"] for name, t in rows.items()}
+        for m, rows in throughput.items()
     }
-    # The batch size the 256-row figures above already give is not re-measured.
-    result["batch_scaling"] = batch_scaling(sizes["batch_sizes"], rounds=max(2, sizes["rounds"] // 2))
-    result["batch_scaling"]["rows"].append(
-        {
-            "batch_size": b,
-            "simclr_step_s": digits["timing"]["simclr"]["median_s"],
-            "emc2_step_s": digits["timing"]["emc2"]["median_s"],
-            "emc2_over_simclr": digits["emc2_over_simclr_step_time"],
-            "emc2_us_per_example": 1e6 * digits["timing"]["emc2"]["median_s"] / b,
-            "compile_s": digits["compile_s"],
-        }
+    result["batch_sizes_of_throughput"] = {
+        "digits_convnet": b,
+        **({"resnet18_32": size["resnet"]["batch_size"]} if size["resnet"] else {}),
+    }
+
+    scaling_rounds = max(2, rounds // 2)
+    result["batch_scaling"] = batch_scaling(
+        sorted({*size["batch_sizes"], b}), model=model, rounds=scaling_rounds
     )
-    result["batch_scaling"]["rows"].sort(key=lambda row: row["batch_size"])
     result["dataset_scaling"] = dataset_scaling(
-        sizes["dataset_sizes"], batch_size=sizes["dataset_batch"], rounds=sizes["rounds"]
+        size["dataset_sizes"],
+        model=size["scaling_model"],
+        batch_size=size["dataset_batch"],
+        rounds=scaling_rounds,
     )
-    result["sampler_state_memory"] = sampler_state_memory(sizes["memory_examples"])
+    memory = sampler_state_memory(size["memory_examples"])
+    result["sampler_state_memory"] = memory
     result["sampler_state_bytes_per_million"] = {
-        name: 1e6 * row["computed_bytes_per_example"]
-        for name, row in result["sampler_state_memory"]["states"].items()
+        name: 1e6 * row["computed_bytes_per_example"] for name, row in memory["states"].items()
     }
+    result["retraces"] = sum(r.traces - 1 for r in _RUNNERS.values())
     result["load_average_after"] = os.getloadavg()
     return result
+
+
+def emc2_step_seconds(batch_size: int = 256, *, rounds: int = 3) -> float:
+    """Median seconds of the EMC² digits ConvNet step at ``batch_size`` (the memoised runner)."""
+    model = sizes(quick=True)["model"]
+    runner = get_runner("emc2", model=model, batch_size=batch_size)
+    return compare([runner], rounds=rounds)["emc2"]["median_s"]
 
 
 def main() -> None:
@@ -630,11 +698,16 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     result = run(quick=args.quick)
-    print("emc2_over_simclr_step_time:", result["emc2_over_simclr_step_time"])
-    print("sampler_fraction_of_emc2_step:", result["sampler_fraction_of_emc2_step"])
-    print("steps_per_second:", result["steps_per_second"])
+    for key in (
+        "emc2_over_simclr_step_time",
+        "emc2_over_simclr_step_time_cpu",
+        "sampler_fraction_of_emc2_step",
+        "sampler_fraction_of_emc2_step_cpu",
+        "steps_per_second",
+        "sampler_state_bytes_per_million",
+    ):
+        print(f"{key}: {result[key]}")
     print("dataset_scaling largest/smallest:", result["dataset_scaling"]["largest_over_smallest"])
-    print("sampler_state_bytes_per_million:", result["sampler_state_bytes_per_million"])
     if args.out is not None:
         save_json(args.out / "bench_train_step.json", result)
 

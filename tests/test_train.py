@@ -77,7 +77,7 @@ class Run:
 
 
 class Runs:
-    """Builds and runs (method, backend, devices, norm) once; later calls reuse it."""
+    """Builds and runs (method, backend, devices) once; later calls reuse it."""
 
     def __init__(self, data_dir: str):
         self.source = sources.load_source("digits", TRAIN_SPLIT, data_dir=data_dir)

@@ -15,7 +15,10 @@ TFDS, which needs network and TensorFlow: a missing one raises
 :class:`DatasetNotPreparedError` with the exact command.
 
 Names: ``digits``, ``gmm`` (``gmm/<config>``), ``cifar10``, ``cifar100``,
-``stl10``, ``imagenette`` (``imagenette/<tfds config>``), ``imagenet2012``.
+``stl10``, ``imagenette`` (``imagenette/<tfds config>``), ``imagenet2012``,
+and the class subsets of :data:`CLASS_SUBSETS`: ``imagenet100`` (the 100
+ImageNet classes of CMC, Tian et al. 2019, used by the EMC² paper), read from
+the prepared ``imagenet2012`` with its labels renumbered 0..99.
 Splits take TFDS syntax, e.g. ``"unlabelled[:500]"`` (the EMC² paper's
 gradient-norm subset).
 """
@@ -23,12 +26,17 @@ gradient-norm subset).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
 __all__ = [
+    "CLASS_SUBSETS",
+    "ClassSubsetSource",
     "DATASETS",
     "DatasetNotPreparedError",
     "DatasetSpec",
@@ -36,6 +44,8 @@ __all__ = [
     "Source",
     "default_data_dir",
     "get_spec",
+    "IMAGENET100_CLASSES",
+    "class_subset_indices",
     "load_source",
     "resize_center_crop",
 ]
@@ -71,6 +81,8 @@ class DatasetSpec:
       default_image_size: square size for variable-size datasets.
       manual_download: how to get the raw files, for datasets TFDS cannot
         download itself.
+      class_subset: for a named class subset of a TFDS dataset, the class
+        names (TFDS label names, e.g. WordNet ids) kept, in new-label order.
     """
 
     name: str
@@ -84,6 +96,7 @@ class DatasetSpec:
     offline: bool = False
     default_image_size: int | None = None
     manual_download: str | None = None
+    class_subset: tuple[str, ...] | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -139,6 +152,40 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
+# ImageNet-100: the 100 classes of CMC (Tian et al. 2019,
+# github.com/HobbitLong/CMC imagenet100.txt), the subset the EMC² paper and
+# SogCLR train on. Order = new label order (CMC's file order).
+IMAGENET100_CLASSES = (
+    "n02869837", "n01749939", "n02488291", "n02107142", "n13037406", "n02091831",
+    "n04517823", "n04589890", "n03062245", "n01773797", "n01735189", "n07831146",
+    "n07753275", "n03085013", "n04485082", "n02105505", "n01983481", "n02788148",
+    "n03530642", "n04435653", "n02086910", "n02859443", "n13040303", "n03594734",
+    "n02085620", "n02099849", "n01558993", "n04493381", "n02109047", "n04111531",
+    "n02877765", "n04429376", "n02009229", "n01978455", "n02106550", "n01820546",
+    "n01692333", "n07714571", "n02974003", "n02114855", "n03785016", "n03764736",
+    "n03775546", "n02087046", "n07836838", "n04099969", "n04592741", "n03891251",
+    "n02701002", "n03379051", "n02259212", "n07715103", "n03947888", "n04026417",
+    "n02326432", "n03637318", "n01980166", "n02113799", "n02086240", "n03903868",
+    "n02483362", "n04127249", "n02089973", "n03017168", "n02093428", "n02804414",
+    "n02396427", "n04418357", "n02172182", "n01729322", "n02113978", "n03787032",
+    "n02089867", "n02119022", "n03777754", "n04238763", "n02231487", "n03032252",
+    "n02138441", "n02104029", "n03837869", "n03494278", "n04136333", "n03794056",
+    "n03492542", "n02018207", "n04067472", "n03930630", "n03584829", "n02123045",
+    "n04229816", "n02100583", "n03642806", "n04336792", "n03259280", "n02116738",
+    "n02108089", "n03424325", "n01855672", "n02090622",
+)  # fmt: skip
+
+# Named class subsets of the datasets above: same TFDS data, fewer classes.
+CLASS_SUBSETS: dict[str, DatasetSpec] = {
+    "imagenet100": dataclasses.replace(
+        DATASETS["imagenet2012"],
+        name="imagenet100",
+        num_classes=len(IMAGENET100_CLASSES),
+        class_subset=IMAGENET100_CLASSES,
+    ),
+}
+
+
 def default_data_dir() -> str:
     """``$TFDS_DATA_DIR`` if set, else ``~/tensorflow_datasets`` (TFDS's default)."""
     return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
@@ -146,9 +193,12 @@ def default_data_dir() -> str:
 
 def get_spec(name: str) -> DatasetSpec:
     """The :class:`DatasetSpec` of ``name`` (``"base"`` or ``"base/config"``)."""
+    if name in CLASS_SUBSETS:
+        return CLASS_SUBSETS[name]
     base, _, config = name.partition("/")
     if base not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+        known = sorted([*DATASETS, *CLASS_SUBSETS])
+        raise ValueError(f"unknown dataset {name!r}; known: {known}")
     spec = DATASETS[base]
     if not config:
         return spec
@@ -251,7 +301,7 @@ def _tfds_source(spec: DatasetSpec, split: str, data_dir: str) -> Source:
 
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     try:
-        return builder.as_data_source(split=split)
+        source = builder.as_data_source(split=split)
     except Exception:  # TFDS's own errors here are confusing, see below.
         # Not prepared, TFDS reports "Random access ... TFRECORD is not supported"
         # (an unprepared dataset defaults to tfrecord), so diagnose it ourselves.
@@ -270,6 +320,91 @@ def _tfds_source(spec: DatasetSpec, split: str, data_dir: str) -> Source:
             raise
         # `from None`: the TFDS traceback would only distract from the fix.
         raise DatasetNotPreparedError(_not_prepared_message(spec, data_dir, reason)) from None
+    if spec.class_subset is None:
+        return source
+    labels = _split_labels(spec.tfds_name, data_dir, split)
+    if len(labels) != len(source):  # pragma: no cover - a dataset changed under us
+        _split_labels.cache_clear()
+        labels = _split_labels(spec.tfds_name, data_dir, split)
+    indices, new_labels = class_subset_indices(
+        labels, builder.info.features["label"].names, spec.class_subset
+    )
+    return ClassSubsetSource(source, indices, new_labels)
+
+
+@functools.lru_cache(maxsize=16)
+def _split_labels(tfds_name: str, data_dir: str, split: str) -> np.ndarray:
+    """(n,) int64 labels of every example of ``split``, images left encoded.
+
+    One pass over the records with the other features' decoding skipped
+    (``tfds.decode.SkipDecoding``: no JPEG is decoded), a couple of minutes for
+    ImageNet's 1.28M training records; cached per process, because a run
+    opens the same split several times (training, probe, evaluation).
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    skip = {k: tfds.decode.SkipDecoding() for k in builder.info.features.keys() if k != "label"}
+    records = builder.as_data_source(split=split, decoders=skip)
+    n = len(records)
+    return np.fromiter((records[i]["label"] for i in range(n)), dtype=np.int64, count=n)
+
+
+def class_subset_indices(
+    labels: np.ndarray, class_names: Sequence[str], subset: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The examples whose class is in ``subset``, and their renumbered labels.
+
+    Args:
+      labels: (n,) int labels of a split, indices into ``class_names``.
+      class_names: every class's name in label order (TFDS ``ClassLabel.names``).
+      subset: the names to keep, distinct; a kept example's new label is its
+        class's position in ``subset``.
+
+    Returns:
+      ``(indices, new_labels)``: (k,) int64 positions in the split, ascending,
+      and (k,) int32 labels in ``[0, len(subset))``.
+
+    Raises:
+      ValueError: a name of ``subset`` is repeated or not a class.
+    """
+    position = {name: i for i, name in enumerate(class_names)}
+    unknown = [name for name in subset if name not in position]
+    if unknown:
+        raise ValueError(f"class subset names {unknown[:5]} are not classes of the dataset")
+    if len(set(subset)) != len(subset):
+        raise ValueError("class subset names must be distinct")
+    new_label = np.full(len(class_names), -1, np.int32)
+    new_label[[position[name] for name in subset]] = np.arange(len(subset), dtype=np.int32)
+    labels = np.asarray(labels, np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise ValueError(f"labels must lie in [0, {len(class_names)})")
+    mapped = new_label[labels]
+    indices = np.flatnonzero(mapped >= 0)
+    return indices.astype(np.int64), mapped[indices]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassSubsetSource:
+    """The examples of ``source`` at ``indices``, with ``labels`` as their labels.
+
+    A class subset (see :func:`class_subset_indices`): example ``k`` is
+    ``source[indices[k]]`` relabelled ``labels[k]``. Picklable like its source
+    (grain worker processes).
+    """
+
+    source: Any
+    indices: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = operator.index(index)
+        example = dict(self.source[int(self.indices[index])])
+        example["label"] = self.labels[index]
+        return example
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:

@@ -55,10 +55,12 @@ from emc2jax.gmm.sampling import (
 )
 from emc2jax.gmm.subspaces import (
     class_moments,
+    fisher_eigenvalues,
     fisher_subspace,
     lda_from_moments,
     lda_subspace,
     orthonormal_rows,
+    pca_from_moments,
     pca_subspace,
     random_subspace,
 )
@@ -84,6 +86,7 @@ __all__ = [
     "clip_objective",
     "covariance",
     "effective_rank",
+    "fisher_eigenvalues",
     "fisher_subspace",
     "infonce_objective",
     "init_encoder",
@@ -94,6 +97,7 @@ __all__ = [
     "mixture_from_covariance",
     "nearest_class_mean_accuracy",
     "orthonormal_rows",
+    "pca_from_moments",
     "pca_subspace",
     "principal_angles",
     "random_subspace",

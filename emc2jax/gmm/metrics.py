@@ -135,8 +135,9 @@ def nearest_class_mean_accuracy(
     Class means are estimated on ``z_train`` (n, r); each test point goes to
     the class with the nearest mean. With ``whiten=True`` the distance is the
     Mahalanobis distance under the pooled within-class covariance of the
-    training embeddings (plus ``ridge * trace / r``), which makes the accuracy
-    invariant to any invertible linear map of the embedding: it measures the
+    training embeddings (plus ``ridge * trace / r``, which matters only for
+    nearly singular embeddings), which makes the accuracy invariant to any
+    well-conditioned invertible linear map of the embedding: it measures the
     class information the *subspace* retains, not how the encoder scales it.
     ``whiten=False`` is the plain Euclidean rule.
 

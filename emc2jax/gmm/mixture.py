@@ -157,12 +157,12 @@ def anisotropic_mixture(
             f"got dim={dim}, num_components={num_components}, "
             f"num_noise_directions={num_noise_directions}."
         )
+    w = _uniform_weights(num_components) if weights is None else weights
+    w = _check_weights(w, num_components)
     k_rot, k_means = jax.random.split(key)
     q = _haar_orthogonal(k_rot, dim)
     g = jax.random.normal(k_means, (num_components, d_low), jnp.float32)
     g = g / jnp.linalg.norm(g, axis=1, keepdims=True)
-    w = _uniform_weights(num_components) if weights is None else weights
-    w = _check_weights(w, num_components)
     # Centred (sum_c pi_c mu_c = 0), as in the theory: an off-centre mixture
     # gives dot-product InfoNCE a use for the global-mean direction Sigma^-1 mu_bar
     # (a constant shift of the embedding biases every negative's logit), and

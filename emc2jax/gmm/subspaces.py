@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+
 from emc2jax.gmm import _linalg
 from emc2jax.gmm.mixture import GaussianMixture
 
@@ -36,10 +37,12 @@ _HI = lax.Precision.HIGHEST
 
 __all__ = [
     "class_moments",
+    "fisher_eigenvalues",
     "fisher_subspace",
     "lda_from_moments",
     "lda_subspace",
     "orthonormal_rows",
+    "pca_from_moments",
     "pca_subspace",
     "random_subspace",
 ]
@@ -78,6 +81,31 @@ def _between_scatter(weights: Array, means: Array) -> Array:
     return jnp.einsum("c,ci,cj->ij", weights, centred, centred, precision=_HI)
 
 
+def _true_whitening(mixture: GaussianMixture) -> Array:
+    """``W = Lambda^-1/2 Q^T``: ``W Sigma W^T = I`` exactly (Sigma is stored eigendecomposed)."""
+    return mixture.cov_rotation.T / jnp.sqrt(mixture.cov_eigvals)[:, None]
+
+
+def fisher_eigenvalues(mixture: GaussianMixture) -> Array:
+    """Fisher discriminant ratios of the true mixture, descending: (k - 1,).
+
+    The nonzero generalised eigenvalues ``gamma`` of ``S_b w = gamma Sigma w``:
+    the between-class variance along each Fisher direction in units of the
+    noise variance. The smallest one sets how hard the weakest direction of F
+    is to estimate (sampling error ~ sqrt(d / (n gamma))).
+    """
+    whiten = _true_whitening(mixture)
+    m = jnp.einsum(
+        "ij,jk,lk->il",
+        whiten,
+        _between_scatter(mixture.weights, mixture.means),
+        whiten,
+        precision=_HI,
+    )
+    gammas, _ = _linalg.eigh(0.5 * (m + m.T))
+    return gammas[::-1][: mixture.means.shape[-2] - 1]
+
+
 def fisher_subspace(mixture: GaussianMixture, rank: int | None = None) -> Array:
     """The Fisher subspace of the true mixture: (rank, d) orthonormal rows.
 
@@ -94,8 +122,9 @@ def fisher_subspace(mixture: GaussianMixture, rank: int | None = None) -> Array:
     k, d = mixture.means.shape[-2:]
     rank = k - 1 if rank is None else rank
     _check_rank(rank, min(k - 1, d))
-    whiten = mixture.cov_rotation.T / jnp.sqrt(mixture.cov_eigvals)[:, None]
-    return _top_generalized_eigvecs(whiten, _between_scatter(mixture.weights, mixture.means), rank)
+    return _top_generalized_eigvecs(
+        _true_whitening(mixture), _between_scatter(mixture.weights, mixture.means), rank
+    )
 
 
 def class_moments(
@@ -171,6 +200,23 @@ def pca_subspace(x: ArrayLike, *, rank: int) -> Array:
     centred = x - jnp.mean(x, axis=0)
     cov = jnp.einsum("ni,nj->ij", centred, centred, precision=_HI) / x.shape[0]
     _, vecs = _linalg.eigh(cov)
+    return vecs[:, ::-1][:, :rank].T
+
+
+def pca_from_moments(
+    counts: ArrayLike, sums: ArrayLike, second_moment: ArrayLike, *, rank: int
+) -> Array:
+    """:func:`pca_subspace` from :func:`class_moments` (labels unused): (rank, d).
+
+    Centred covariance ``sum_i x_i x_i^T / n - x_bar x_bar^T`` with
+    ``x_bar = sum_c sums_c / n``; top ``rank`` eigenvectors.
+    """
+    sums = jnp.asarray(sums, jnp.float32)
+    _check_rank(rank, sums.shape[1])
+    n = jnp.sum(jnp.asarray(counts, jnp.float32))
+    mean = jnp.sum(sums, axis=0) / n
+    cov = jnp.asarray(second_moment, jnp.float32) / n - jnp.outer(mean, mean)
+    _, vecs = _linalg.eigh(0.5 * (cov + cov.T))
     return vecs[:, ::-1][:, :rank].T
 
 

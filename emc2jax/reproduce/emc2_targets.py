@@ -224,7 +224,8 @@ def setup_run(
     # The step donates the state: copy shared initial parameters so every run
     # owns its buffers.
     params, model_state = jax.tree.map(jnp.copy, (params, model_state))
-    optimizer, schedule = optim.make_optimizer(config.optimizer, total_steps=config.total_steps)
+    configured, schedule = optim.make_optimizer(config.optimizer, total_steps=config.total_steps)
+    optimizer = optimizer or configured
     state = train.create_state(
         config,
         model=model,
@@ -323,8 +324,10 @@ def gradient_recorder() -> optax.GradientTransformation:
     """
 
     def init(params: PyTree) -> GradientSums:
-        zero = jnp.zeros((), jnp.float32)
-        return GradientSums(jax.tree.map(jnp.zeros_like, params), zero, zero)
+        # Distinct buffers: the train step donates the state.
+        return GradientSums(
+            jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(())
+        )
 
     def update(grads: PyTree, state: GradientSums, params: PyTree = None):
         del params
