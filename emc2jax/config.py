@@ -57,9 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampler.burn_in = 0.0
     c.sampler.proposals = "batch"  # batch (the other in-batch views) | uniform (over the dataset)
     c.sampler.num_uniform_proposals = 8  # proposals per anchor in "uniform" mode
-    c.sampler.refresh_score = (
-        False  # recompute the carried-over state's score with the current encoder
-    )
+    # Recompute the carried-over state's score with the current encoder.
+    c.sampler.refresh_score = False
+    # Where the carried-over negatives' images come from: "device" (the training
+    # set is kept on every device; no host round trip) or "host" (gathered by
+    # the input loop each step; for datasets too large for device memory).
+    c.sampler.carried_images = "device"
     # SogCLR moving-average rate gamma.
     c.sampler.gamma = 0.9
     # Embedding cache: negatives per anchor and the fraction of rows refreshed per step.
@@ -174,6 +177,15 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
         )
         _require(sampler.burn_in >= 0, f"sampler.burn_in must be >= 0, got {sampler.burn_in}.")
         burn_in_count(sampler.burn_in, num_proposals_per_anchor(config))
+        _require(
+            sampler.carried_images in ("device", "host"),
+            f"sampler.carried_images must be 'device' or 'host', got {sampler.carried_images!r}.",
+        )
+        _require(
+            sampler.carried_images == "device" or sampler.proposals == "batch",
+            "sampler.carried_images='host' needs sampler.proposals='batch' (uniform proposals "
+            "are drawn inside the step and read the on-device training set).",
+        )
     if config.method == "sogclr":
         _require(0 < sampler.gamma <= 1, f"sampler.gamma must be in (0, 1], got {sampler.gamma}.")
     if config.method == "embedding_cache":

@@ -68,6 +68,10 @@ class Context:
       sampler_config: the ``config.sampler`` ConfigDict, read as a mapping.
       burn_in: EMC² burn-in proposals per anchor view (already resolved).
       paired: (b, ...) float second-modality inputs for CLIP, or None.
+      carried_images: (b, ...) raw images (as stored in the dataset) of the
+        EMC² chains' carried-over negatives, fetched by the host loop
+        (``sampler.carried_images = "host"``), or None to read them from
+        ``table`` inside the step.
     """
 
     images: Array
@@ -87,6 +91,7 @@ class Context:
     sampler_config: Any
     burn_in: int = 0
     paired: Array | None = None
+    carried_images: Array | None = None
 
 
 class ObjectiveOutput(NamedTuple):
@@ -222,7 +227,11 @@ def _emc2_objective(params, ctx: Context):
     carried_index, carried_aug, _ = emc2_sampler.carried_negatives(
         ctx.sampler_state, ctx.example_index
     )
-    extra = [_views_by_index(ctx, carried_index, carried_aug)]
+    if ctx.carried_images is not None:  # Fetched by the host for this batch.
+        carried_views = ctx.views_of(ctx.to_float(ctx.carried_images), carried_index, carried_aug)
+    else:
+        carried_views = _views_by_index(ctx, carried_index, carried_aug)
+    extra = [carried_views]
     uniform = cfg.proposals == "uniform"
     if uniform:
         # One set of P candidates per example, shared by both anchor views: the

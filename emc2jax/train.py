@@ -30,6 +30,7 @@ from emc2jax import checkpoint as checkpoint_lib
 from emc2jax import config as config_lib
 from emc2jax import evaluate, methods, models, optim, parallel
 from emc2jax.data import augment, pipeline, sources
+from emc2jax.samplers import emc2 as emc2_sampler
 
 Array = jax.Array
 PyTree = Any
@@ -167,6 +168,7 @@ def make_train_step(
             axis_name=axis_name,
             sampler_config=config.sampler,
             burn_in=burn_in,
+            carried_images=batch.get("carried_image"),
         )
         (value, out), grads = jax.value_and_grad(method.objective, has_aux=True)(state.params, ctx)
         grads = lax.pmean(grads, axis_name)
@@ -416,7 +418,10 @@ def train_and_evaluate(
             f"{config.dataset.name}:{config.dataset.train_split}."
         )
     method = get_method(config.method)
-    table = pipeline.to_device_array(source, key="image") if method.needs_table else None
+    carried_from_host = config.method == "emc2" and config.sampler.carried_images == "host"
+    table = None
+    if method.needs_table and not carried_from_host:
+        table = pipeline.to_device_array(source, key="image")
     image_shape = tuple(np.asarray(source[0]["image"]).shape)
 
     model, params, model_state = build_model(config, image_shape)
@@ -465,15 +470,18 @@ def train_and_evaluate(
     if table is not None:
         table = parallel.replicate(jnp.asarray(table), mesh)
 
+    fetch_carried = _host_carried_fetcher(source) if carried_from_host else None
+
     workdir.mkdir(parents=True, exist_ok=True)
     writer = _MetricsWriter(workdir, enabled=is_lead)
     progress = _progress_bar(config.total_steps, start_step, enabled=is_lead)
-    history: dict[str, float] = {}
     tick, tick_step = time.perf_counter(), start_step
     try:
         for step in range(start_step + 1, config.total_steps + 1):
-            batch = parallel.shard_batch(_model_inputs(next(iterator)), mesh)
-            state, metrics = train_step(state, batch, table)
+            inputs = _model_inputs(next(iterator))
+            if fetch_carried is not None:
+                inputs["carried_image"] = fetch_carried(state.sampler_state, inputs["index"])
+            state, metrics = train_step(state, parallel.shard_batch(inputs, mesh), table)
             log_now = step % config.log_every_steps == 0 or step == config.total_steps
             save_now = bool(checkpoints) and (
                 step % config.checkpoint_every_steps == 0 or step == config.total_steps
@@ -488,7 +496,6 @@ def train_and_evaluate(
                 if log_now:
                     writer.write(step, host)
                     progress.set_postfix(_short(host), refresh=False)
-                history = host
             if save_now:
                 checkpoints.save(
                     step, state=state, data_iterator_state=iterator.get_state(), config=config
@@ -500,10 +507,8 @@ def train_and_evaluate(
             ):
                 writer.write(
                     step,
-                    _prefixed(
-                        evaluate_model(
-                            config, model=model, params=state.params, model_state=state.model_state
-                        )
+                    evaluate_model(
+                        config, model=model, params=state.params, model_state=state.model_state
                     ),
                 )
             progress.update(1)
@@ -514,14 +519,29 @@ def train_and_evaluate(
     results = evaluate_model(
         config, model=model, params=state.params, model_state=state.model_state
     )
-    writer.write(config.total_steps, _prefixed(results))
+    writer.write(config.total_steps, results)
     writer.close()
-    del history
     return results
 
 
-def _prefixed(results: dict[str, float]) -> dict[str, float]:
-    return dict(results)
+def _host_carried_fetcher(source: sources.Source):
+    """Host-side lookup of the EMC² chains' carried-over negatives' images.
+
+    For datasets too large to keep on the accelerator: before each step the
+    loop reads the batch's chain states (B int pairs, one small device-to-host
+    transfer, which waits for the previous step) and gathers those images from
+    the random-access source, so they reach the step with the batch.
+    """
+    lookup = jax.jit(emc2_sampler.carried_negatives)
+
+    def fetch(sampler_state, example_index: np.ndarray) -> np.ndarray:
+        # The table is replicated: read this process's first copy, so that each
+        # process looks up its own examples without a cross-process program.
+        local = jax.tree.map(lambda x: x.addressable_data(0), sampler_state)
+        index, _, _ = jax.device_get(lookup(local, example_index))
+        return pipeline.gather(source, np.asarray(index))["image"]
+
+    return fetch
 
 
 def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -44,13 +44,18 @@ def _experiment(key, learning_rate, *, steps, batch):
 
 
 def test_infonce_objective_is_the_project_loss():
-    pairs = gmm.sample_pairs(jax.random.key(0), make_mixture(jax.random.key(1)), 16)
-    a = jax.random.normal(jax.random.key(2), (RANK, DIM))
-    expected = jnp.mean(
-        losses.infonce(pairs.x @ a.T, pairs.x_pos @ a.T, temperature=0.5, normalize=False)
-    )
-    got = gmm.infonce_objective(a, pairs, temperature=0.5, normalize=False)
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    @jax.jit
+    def both(key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        pairs = gmm.sample_pairs(k1, make_mixture(k2), 16)
+        a = jax.random.normal(k3, (RANK, DIM))
+        expected = jnp.mean(
+            losses.infonce(pairs.x @ a.T, pairs.x_pos @ a.T, temperature=0.5, normalize=False)
+        )
+        return gmm.infonce_objective(a, pairs, temperature=0.5, normalize=False), expected
+
+    got, expected = both(jax.random.key(0))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_infonce_reaches_fisher_where_pca_does_not():
@@ -76,9 +81,17 @@ def test_infonce_reaches_fisher_where_pca_does_not():
     assert np.all(loss[:, -20:].mean(1) < loss[:, :5].mean(1) - 0.1)  # it learnt something
 
 
+def _train(key, learning_rate, *, steps, batch):
+    k_mix, k_train = jax.random.split(key)
+    mixture = make_mixture(k_mix)
+    pairs = functools.partial(gmm.sample_pairs, mixture=mixture, n=batch)
+    result = gmm.train_infonce(k_train, pairs, rank=RANK, steps=steps, learning_rate=learning_rate)
+    return {"loss": result.loss, "encoder": result.params["encoder"]}
+
+
 def test_vmapped_sweep_equals_python_loop():
     """One compiled call over (lr grid x seeds) == the same trainings one by one."""
-    run = functools.partial(_experiment, steps=30, batch=16)
+    run = functools.partial(_train, steps=30, batch=16)
     keys = gmm.seed_keys(1, 3)
     lrs = jnp.array([1e-2, 3e-2])
     swept = gmm.sweep(run, keys, learning_rate=lrs)

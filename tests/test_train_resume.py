@@ -258,3 +258,20 @@ def test_divergence_stops_with_the_step_and_metric_and_keeps_the_last_good_check
     assert int(restored.state.step) == bad_from
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(restored.state.params))
     assert max(metric_records(tmp_path)) == bad_from  # the bad step was not logged
+
+
+@pytest.mark.slow
+def test_carried_images_from_the_host_match_the_on_device_table(tmp_path, data_dir):
+    # sampler.carried_images="host" (for datasets too large for device memory)
+    # must train exactly like the default on-device lookup: same chains, same
+    # re-encoded negatives, bit-identical state.
+    finals = {}
+    for mode in ("device", "host"):
+        config = load_config(
+            data_dir,
+            **{"total_steps": 6, "checkpoint_every_steps": 6, "sampler.carried_images": mode},
+        )
+        train.train_and_evaluate(config, tmp_path / mode)
+        finals[mode] = restore(tmp_path / mode, config).state
+    assert np.all(finals["host"].sampler_state.negative_index >= 0)  # chains carried negatives
+    jax.tree.map(np.testing.assert_array_equal, finals["host"], finals["device"])

@@ -130,9 +130,7 @@ def small_batch_config(
 # ---------------------------------------------------------------------------
 
 
-def epoch_batches(
-    num_examples: int, batch_size: int, num_epochs: int, *, seed: int
-) -> np.ndarray:
+def epoch_batches(num_examples: int, batch_size: int, num_epochs: int, *, seed: int) -> np.ndarray:
     """(num_epochs * (m // B), B) int32 example indices: one reshuffle per epoch.
 
     A batch never straddles two epochs (the last ``m % B`` examples of each
@@ -325,9 +323,7 @@ def gradient_recorder() -> optax.GradientTransformation:
 
     def init(params: PyTree) -> GradientSums:
         # Distinct buffers: the train step donates the state.
-        return GradientSums(
-            jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(())
-        )
+        return GradientSums(jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
 
     def update(grads: PyTree, state: GradientSums, params: PyTree = None):
         del params
@@ -341,9 +337,7 @@ def gradient_recorder() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def estimator_error(
-    sums: GradientSums, exact_grad: PyTree
-) -> dict[str, float]:
+def estimator_error(sums: GradientSums, exact_grad: PyTree) -> dict[str, float]:
     """Bias and variance of an estimator ĝ of ∇L from N recorded draws.
 
     Returns ``bias_sq`` = ||mean ĝ − ∇L||² minus its sampling noise
