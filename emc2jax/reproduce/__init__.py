@@ -14,6 +14,9 @@ from collections.abc import Callable
 # name -> "module:function", imported lazily so `--help` stays instant.
 TARGETS: dict[str, str] = {
     "mh_exactness": "emc2jax.reproduce.mh_exactness:run",
+    "emc2_gradnorm": "emc2jax.reproduce.emc2_targets:run_gradnorm",
+    "emc2_small_batch": "emc2jax.reproduce.emc2_targets:run_small_batch",
+    "emc2_ablation": "emc2jax.reproduce.emc2_targets:run_ablation",
     "gmm_fisher": "emc2jax.reproduce.gmm_targets:run_fisher",
     "gmm_noise": "emc2jax.reproduce.gmm_targets:run_noise",
     "gmm_rank": "emc2jax.reproduce.gmm_targets:run_rank",

@@ -182,22 +182,50 @@ def make_multi_step(
 
 @dataclasses.dataclass
 class Run:
-    """One config's compiled training pieces on a mesh (see :func:`setup_run`)."""
+    """One config's training pieces on a mesh (see :func:`setup_run`).
+
+    ``advance`` is compiled once per shape of ``batch_index`` and may be
+    reused for several initial states (:meth:`restart`).
+    """
 
     config: ml_collections.ConfigDict
     model: Any
+    optimizer: optax.GradientTransformation
     state: train.TrainState
     images: Array  # (m, ...) uint8, replicated
     advance: Callable[..., tuple[train.TrainState, dict[str, Array]]]
     mesh: jax.sharding.Mesh
 
+    def batch_index(self, batch_index: np.ndarray) -> Array:
+        """(k, B) indices placed for :attr:`advance` (B split over the mesh)."""
+        sharding = NamedSharding(self.mesh, P(None, parallel.DATA_AXIS))
+        return jax.device_put(np.asarray(batch_index, np.int32), sharding)
+
     def train(self, batch_index: np.ndarray) -> dict[str, np.ndarray]:
         """Takes ``len(batch_index)`` steps; returns the host metrics, stacked."""
-        index = jax.device_put(
-            np.asarray(batch_index, np.int32), NamedSharding(self.mesh, P(None, parallel.DATA_AXIS))
-        )
-        self.state, metrics = self.advance(self.state, index, self.images)
+        self.state, metrics = self.advance(self.state, self.batch_index(batch_index), self.images)
         return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+
+    def restart(self, params: PyTree, model_state: PyTree, *, step: int = 0) -> None:
+        """A fresh state (optimizer and sampler initialised) from ``params``.
+
+        ``step`` sets the step counter, which keys every augmentation and
+        sampler draw (``fold_in(key(seed), step)``): restarting at distinct,
+        far-apart counters gives independent random streams without
+        rebuilding (recompiling) the step for another ``config.seed``.
+        """
+        params, model_state = jax.tree.map(jnp.copy, (params, model_state))
+        state = train.create_state(
+            self.config,
+            model=self.model,
+            params=params,
+            model_state=model_state,
+            optimizer=self.optimizer,
+            num_examples=int(self.images.shape[0]),
+            image_shape=tuple(self.images.shape[1:]),
+        )
+        state = state._replace(step=jnp.asarray(step, jnp.int32))
+        self.state = parallel.replicate(state, self.mesh)
 
 
 def setup_run(
@@ -208,31 +236,19 @@ def setup_run(
     model_and_params: tuple[Any, PyTree, PyTree] | None = None,
     optimizer: optax.GradientTransformation | None = None,
 ) -> Run:
-    """Builds the state and the k-step driver of ``config`` on ``mesh``.
+    """Builds the initial state and the k-step driver of ``config`` on ``mesh``.
 
     ``images``: the (m, ...) uint8 training split. ``model_and_params``
     (from :func:`emc2jax.train.build_model`) lets several runs share one
-    model object, so that functions keyed on it (the exact global loss)
-    compile once. ``optimizer`` replaces the config's (e.g.
+    model object, so that functions keyed on it (the exact global loss, the
+    probe's features) compile once. ``optimizer`` replaces the config's (e.g.
     :func:`gradient_recorder`).
     """
     config_lib.validate_config(config, num_devices=mesh.size)
     image_shape = tuple(images.shape[1:])
     model, params, model_state = model_and_params or train.build_model(config, image_shape)
-    # The step donates the state: copy shared initial parameters so every run
-    # owns its buffers.
-    params, model_state = jax.tree.map(jnp.copy, (params, model_state))
     configured, schedule = optim.make_optimizer(config.optimizer, total_steps=config.total_steps)
     optimizer = optimizer or configured
-    state = train.create_state(
-        config,
-        model=model,
-        params=params,
-        model_state=model_state,
-        optimizer=optimizer,
-        num_examples=len(images),
-        image_shape=image_shape,
-    )
     per_device_step = train.make_train_step(
         config,
         model=model,
@@ -242,14 +258,17 @@ def setup_run(
         num_examples=len(images),
     )
     needs_table = methods.METHODS[config.method].needs_table
-    return Run(
+    run = Run(
         config=config,
         model=model,
-        state=parallel.replicate(state, mesh),
+        optimizer=optimizer,
+        state=None,
         images=parallel.replicate(jnp.asarray(images), mesh),
         advance=make_multi_step(per_device_step, mesh=mesh, needs_table=needs_table),
         mesh=mesh,
     )
+    run.restart(params, model_state)
+    return run
 
 
 def load_images(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -359,3 +378,437 @@ def estimator_error(sums: GradientSums, exact_grad: PyTree) -> dict[str, float]:
         "exact_grad_norm_sq": float(optax.tree.norm(exact_grad, squared=True)),
         "num_draws": n,
     }
+
+
+# ---------------------------------------------------------------------------
+# Representation quality: linear probe and kNN on the full digits splits
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """Linear probe and kNN of frozen features on the digits train/test splits.
+
+    The feature function takes the parameters as an argument, so it compiles
+    once per model and input shape, whatever the parameters.
+    """
+
+    features: Callable[[PyTree, PyTree, Array], Array]  # jitted (params, state, x) -> (n, F)
+    train_x: np.ndarray  # (n, H, W, C) uint8
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    num_classes: int
+
+    def __call__(self, params: PyTree, model_state: PyTree, *, seed: int = 0) -> dict[str, float]:
+        """``linear_probe``, ``knn_k10``, ``knn_k200`` test accuracies."""
+        train_f = np.asarray(self.features(params, model_state, self.train_x))
+        test_f = np.asarray(self.features(params, model_state, self.test_x))
+        return self.score(train_f, test_f, seed=seed)
+
+    def score(self, train_f: np.ndarray, test_f: np.ndarray, *, seed: int = 0) -> dict[str, float]:
+        """The same metrics for given (n, F) features."""
+        knn = evaluate.knn_accuracy(
+            train_f, self.train_y, test_f, self.test_y, num_classes=self.num_classes, ks=(10, 200)
+        )
+        probe = evaluate.linear_probe(
+            train_f, self.train_y, test_f, self.test_y, num_classes=self.num_classes, seed=seed
+        )
+        return {
+            "linear_probe": probe["linear_probe/top1"],
+            "knn_k10": knn["knn/top1_k10"],
+            "knn_k200": knn["knn/top1_k200"],
+        }
+
+
+def make_probe(config: ml_collections.ConfigDict, model: Any) -> Probe:
+    """The :class:`Probe` of ``config``'s evaluation splits for ``model``."""
+    arrays = []
+    for split in (config.dataset.eval_train_split, config.dataset.eval_test_split):
+        source = sources.load_source(config.dataset.name, split, data_dir=config.dataset.data_dir)
+        arrays += [
+            np.asarray(pipeline.to_device_array(source, key="image")),
+            np.asarray(pipeline.to_device_array(source, key="label")),
+        ]
+
+    @jax.jit
+    def features(params: PyTree, model_state: PyTree, x: Array) -> Array:
+        return model.features(params, model_state, augment.to_float(x))
+
+    return Probe(features, *arrays, num_classes=sources.get_spec(config.dataset.name).num_classes)
+
+
+def probe_baselines(probe: Probe, inits: Sequence[tuple[PyTree, PyTree]]) -> dict[str, dict]:
+    """Reference rows: raw pixels, and the untrained encoder at each ``(params, state)``."""
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0  # noqa: E731
+    random_init = [probe(p, st, seed=s) for s, (p, st) in enumerate(inits)]
+    return {
+        "raw_pixels": probe.score(flat(probe.train_x), flat(probe.test_x)),
+        "random_init": _mean_std(random_init),
+    }
+
+
+def _mean_std(rows: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """Mean, standard deviation (ddof 1 when n > 1) and values of each key over rows."""
+    out: dict[str, Any] = {}
+    for key in rows[0]:
+        values = np.asarray([r[key] for r in rows], np.float64)
+        out[key] = {
+            "mean": float(values.mean()),
+            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "values": values.tolist(),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------
+# emc2_gradnorm
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GradnormBudget:
+    """How much work ``emc2_gradnorm`` does.
+
+    Attributes:
+      num_steps: iterations in the paper's setting (1250 = 10 epochs of 125).
+      eval_every: iterations between exact (L, ||∇L||²) evaluations.
+      num_draws: estimator draws at the final θ (bias/variance diagnostic).
+      long_steps: iterations of the decaying-lr diagnostic run (0: skip it).
+      long_learning_rate: its peak SGD learning rate (cosine-decayed to 0).
+      long_evals: its number of exact evaluations.
+      methods: the methods compared.
+    """
+
+    num_steps: int = 1250
+    eval_every: int = 25
+    num_draws: int = 250
+    long_steps: int = 5000
+    long_learning_rate: float = 1e-2
+    long_evals: int = 10
+    methods: tuple[str, ...] = METHODS
+
+
+GRADNORM_QUICK = GradnormBudget(
+    num_steps=250, eval_every=25, num_draws=125, long_steps=1000, long_evals=4
+)
+
+
+def _train_with_curve(
+    run: Run,
+    batches: np.ndarray,
+    global_loss: Callable[[PyTree], tuple[Array, PyTree]],
+    *,
+    eval_every: int,
+) -> tuple[dict[str, list], PyTree, float]:
+    """Trains over ``batches``, evaluating (L, ||∇L||²) every ``eval_every`` steps.
+
+    Returns the curve (iteration 0 included), the last exact gradient and the
+    training seconds (evaluations excluded).
+    """
+    loss, grad = global_loss(run.state.params)
+    curve = {
+        "iteration": [0],
+        "global_loss": [float(loss)],
+        "grad_norm_sq": [float(optax.tree.norm(grad, squared=True))],
+    }
+    seconds = 0.0
+    for start in range(0, len(batches), eval_every):
+        tick = time.perf_counter()
+        run.train(batches[start : start + eval_every])
+        jax.block_until_ready(run.state.params)
+        seconds += time.perf_counter() - tick
+        loss, grad = global_loss(run.state.params)
+        curve["iteration"].append(min(start + eval_every, len(batches)))
+        curve["global_loss"].append(float(loss))
+        curve["grad_norm_sq"].append(float(optax.tree.norm(grad, squared=True)))
+    return curve, grad, seconds
+
+
+def measure_estimator(
+    config: ml_collections.ConfigDict,
+    run: Run,
+    batches: np.ndarray,
+    exact_grad: PyTree,
+    *,
+    model_and_params: tuple[Any, PyTree, PyTree],
+) -> dict[str, float]:
+    """Bias² and variance of ``config``'s gradient estimator at ``run``'s current θ.
+
+    The engine's step runs over ``batches`` with :func:`gradient_recorder`
+    (θ frozen), starting from the run's sampler state, which keeps evolving
+    as in training (chains, moving averages and cache track the frozen θ).
+    """
+    recorder = setup_run(
+        config,
+        mesh=run.mesh,
+        images=np.asarray(run.images),
+        model_and_params=model_and_params,
+        optimizer=gradient_recorder(),
+    )
+    recorder.restart(run.state.params, run.state.model_state, step=int(run.state.step))
+    recorder.state = recorder.state._replace(
+        sampler_state=jax.tree.map(jnp.copy, run.state.sampler_state)
+    )
+    recorder.train(batches)
+    return estimator_error(recorder.state.opt_state, exact_grad)
+
+
+def run_gradnorm(
+    out_dir: pathlib.Path, *, quick: bool, budget: GradnormBudget | None = None
+) -> dict[str, Any]:
+    """emc2_gradnorm: ||∇L||² of the global loss along training (EMC² paper, Figure 2)."""
+    out_dir = pathlib.Path(out_dir)
+    budget = budget or (GRADNORM_QUICK if quick else GradnormBudget())
+    start_time = time.perf_counter()
+    mesh = parallel.make_data_mesh(1)  # batch 4: one device
+    reference = gradnorm_config("emc2", num_steps=budget.num_steps)
+    images = load_images(reference)
+    m = len(images)
+    model_and_params = train.build_model(reference, tuple(images.shape[1:]))
+    model, init_params, init_state = model_and_params
+    global_loss = make_global_loss_fn(reference, model, images)
+    probe = make_probe(reference, model)
+    epochs = -(-budget.num_steps // (m // reference.batch_size)) + 1
+    batches = epoch_batches(m, reference.batch_size, epochs, seed=reference.seed)
+    draws = batches[budget.num_steps : budget.num_steps + budget.num_draws]
+
+    per_method: dict[str, dict[str, Any]] = {}
+    for method in budget.methods:
+        config = gradnorm_config(method, num_steps=budget.num_steps)
+        run = setup_run(config, mesh=mesh, images=images, model_and_params=model_and_params)
+        curve, grad, seconds = _train_with_curve(
+            run, batches[: budget.num_steps], global_loss, eval_every=budget.eval_every
+        )
+        tail = curve["grad_norm_sq"][-max(1, len(curve["grad_norm_sq"]) // 5) :]
+        per_method[method] = {
+            "curve": curve,
+            "final_grad_norm_sq": curve["grad_norm_sq"][-1],
+            "final_global_loss": curve["global_loss"][-1],
+            "tail_mean_grad_norm_sq": float(np.mean(tail)),
+            "train_seconds": seconds,
+            "estimator_at_final": measure_estimator(
+                config, run, draws, grad, model_and_params=model_and_params
+            ),
+            "probe": probe(run.state.params, run.state.model_state),
+        }
+    long_run = {}
+    if budget.long_steps:
+        long_run = _gradnorm_long_run(
+            budget, mesh=mesh, images=images, model_and_params=model_and_params, loss=global_loss
+        )
+
+    final = {k: v["final_grad_norm_sq"] for k, v in per_method.items()}
+    results = {
+        "setting": _gradnorm_setting(reference, budget, m),
+        "quick": quick,
+        "methods": per_method,
+        "final_grad_norm_sq": final,
+        "final_global_loss": {k: v["final_global_loss"] for k, v in per_method.items()},
+        "tail_mean_grad_norm_sq": {k: v["tail_mean_grad_norm_sq"] for k, v in per_method.items()},
+        "paper_final_grad_norm_sq": PAPER_GRAD_NORM_SQ,
+        "baselines": probe_baselines(probe, [(init_params, init_state)]),
+        "long_run": long_run,
+        "seconds": time.perf_counter() - start_time,
+    }
+    results["claim"] = _gradnorm_claim(results)
+    _gradnorm_figures(out_dir, results)
+    report.write_results(out_dir, results)
+    report.write_report(out_dir, _gradnorm_markdown(results))
+    return results
+
+
+def _gradnorm_long_run(
+    budget: GradnormBudget,
+    *,
+    mesh: jax.sharding.Mesh,
+    images: np.ndarray,
+    model_and_params: tuple[Any, PyTree, PyTree],
+    loss: Callable[[PyTree], tuple[Array, PyTree]],
+) -> dict[str, Any]:
+    """Diagnostic beyond the paper's setting: a longer run, lr cosine-decayed to 0.
+
+    With a constant step size the iterate of any stochastic method hovers in a
+    noise ball whose ||∇L||² is set by the estimator's variance; decaying the
+    step size removes that term, leaving bias and optimisation progress.
+    """
+    m = len(images)
+    per_epoch = m // 4
+    batches = epoch_batches(m, 4, -(-budget.long_steps // per_epoch), seed=1)
+    eval_every = budget.long_steps // budget.long_evals
+    out = {}
+    for method in budget.methods:
+        config = gradnorm_config(method, num_steps=budget.long_steps)
+        config.optimizer.learning_rate = budget.long_learning_rate
+        config.optimizer.schedule = "cosine"
+        run = setup_run(config, mesh=mesh, images=images, model_and_params=model_and_params)
+        curve, _, seconds = _train_with_curve(
+            run, batches[: budget.long_steps], loss, eval_every=eval_every
+        )
+        out[method] = {"curve": curve, "train_seconds": seconds}
+    return out
+
+
+def _gradnorm_setting(config: ml_collections.ConfigDict, budget: GradnormBudget, m: int) -> dict:
+    return {
+        "dataset": f"digits {config.dataset.train_split} ({m} examples) x "
+        f"{config.dataset.num_augmentations} fixed augmentations",
+        "model": f"ConvNet width {config.model.width}, head {tuple(config.model.head_hidden_dims)}"
+        f" -> {config.model.embedding_dim}, no normalisation",
+        "optimizer": f"SGD lr {config.optimizer.learning_rate}, momentum 0, no weight decay, "
+        "constant",
+        "beta": 1 / config.temperature,
+        "batch_size": config.batch_size,
+        "num_steps": budget.num_steps,
+        "eval_every": budget.eval_every,
+        "num_draws": budget.num_draws,
+        "emc2": f"in-batch proposals ({2 * config.batch_size - 2} per view), burn-in "
+        f"{config.sampler.burn_in}, refreshed scores",
+        "sogclr_gamma": config.sampler.gamma,
+        "cache": f"{config.sampler.num_negatives} negative, refresh fraction "
+        f"{config.sampler.refresh_fraction}",
+        "long_run": f"{budget.long_steps} iterations, SGD lr {budget.long_learning_rate} "
+        "cosine-decayed to 0",
+    }
+
+
+def _gradnorm_claim(results: dict[str, Any]) -> dict[str, Any]:
+    """The paper's claim: EMC² ends >= 10x below SimCLR and SogCLR in ||∇L||²."""
+    final = results["final_grad_norm_sq"]
+    tail = results["tail_mean_grad_norm_sq"]
+    if "emc2" not in final:
+        return {}
+    out = {"criterion": "final ||∇L||² of EMC² at least 10x below SimCLR's and SogCLR's"}
+    for other in ("simclr", "sogclr"):
+        if other in final:
+            out[f"ratio_{other}_over_emc2"] = final[other] / final["emc2"]
+            out[f"tail_ratio_{other}_over_emc2"] = tail[other] / tail["emc2"]
+    ratios = [v for k, v in out.items() if k.startswith("ratio_")]
+    out["holds"] = bool(ratios) and min(ratios) >= 10.0
+    return out
+
+
+def _gradnorm_figures(out_dir: pathlib.Path, results: dict[str, Any]) -> None:
+    fig, axes = report.new_figure(1, 2, figsize=(11, 4))
+    for method, r in results["methods"].items():
+        c = r["curve"]
+        axes[0].plot(c["iteration"], c["global_loss"], label=LABELS[method])
+        axes[1].plot(c["iteration"], c["grad_norm_sq"], label=LABELS[method])
+    for method, value in results["paper_final_grad_norm_sq"].items():
+        axes[1].axhline(value, ls=":", lw=0.8, color="grey")
+        axes[1].annotate(f"paper {LABELS[method]}", (0, value), fontsize=7, color="grey")
+    axes[0].set(xlabel="iteration", ylabel="global contrastive loss L", yscale="log")
+    axes[1].set(xlabel="iteration", ylabel="||∇L||²", yscale="log")
+    axes[0].set_title("exact global loss (all 1000 views)")
+    axes[1].set_title("exact ||∇L||² (paper setting)")
+    axes[1].legend(fontsize=8)
+    report.save_figure(fig, out_dir, "gradnorm")
+
+    fig, ax = report.new_figure(figsize=(6, 3.6))
+    names = list(results["methods"])
+    x = np.arange(len(names))
+    est = [results["methods"][n]["estimator_at_final"] for n in names]
+    ax.bar(x - 0.2, [max(e["bias_sq"], 1e-3) for e in est], width=0.4, label="bias²")
+    ax.bar(x + 0.2, [e["variance"] for e in est], width=0.4, label="variance")
+    ax.set_xticks(x, [LABELS[n] for n in names])
+    ax.set(yscale="log", ylabel="‖·‖² of the gradient estimator")
+    ax.set_title("estimator error at each method's final θ")
+    ax.legend(fontsize=8)
+    report.save_figure(fig, out_dir, "gradnorm_estimator")
+
+    if results["long_run"]:
+        fig, axes = report.new_figure(1, 2, figsize=(11, 4))
+        for method, r in results["long_run"].items():
+            c = r["curve"]
+            axes[0].plot(c["iteration"], c["global_loss"], marker=".", label=LABELS[method])
+            axes[1].plot(c["iteration"], c["grad_norm_sq"], marker=".", label=LABELS[method])
+        axes[0].set(xlabel="iteration", ylabel="global loss L", yscale="log")
+        axes[1].set(xlabel="iteration", ylabel="||∇L||²", yscale="log")
+        axes[0].set_title("diagnostic: longer run, lr cosine-decayed")
+        axes[1].legend(fontsize=8)
+        report.save_figure(fig, out_dir, "gradnorm_long")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _gradnorm_markdown(results: dict[str, Any]) -> str:
+    s, claim = results["setting"], results["claim"]
+    lines = [
+        "# emc2_gradnorm: stationarity of the global contrastive loss (EMC² paper, Figure 2)",
+        "",
+        f"Setting{' (quick)' if results['quick'] else ''}: {s['dataset']}; {s['model']}; "
+        f"{s['optimizer']}; beta = {s['beta']:g}; batch {s['batch_size']}; "
+        f"{s['num_steps']} iterations; exact L and ||∇L||² over all views every "
+        f"{s['eval_every']} iterations. EMC²: {s['emc2']}. SogCLR gamma {s['sogclr_gamma']}. "
+        f"Embedding cache: {s['cache']}. Paper: the first 500 STL-10 images x 2 "
+        "augmentations, ResNet-18 without BN, same optimiser, beta, batch and iterations.",
+        "",
+        "| method | final ||∇L||² | mean of last 20% | final L | paper ||∇L||² | "
+        "estimator bias² | variance | linear probe | kNN k=10 | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, r in results["methods"].items():
+        e = r["estimator_at_final"]
+        paper = results["paper_final_grad_norm_sq"].get(method)
+        lines.append(
+            f"| {LABELS[method]} | {_fmt(r['final_grad_norm_sq'])} | "
+            f"{_fmt(r['tail_mean_grad_norm_sq'])} | {r['final_global_loss']:.4f} | "
+            f"{_fmt(paper) if paper else 'n/a'} | {_fmt(e['bias_sq'])} | {_fmt(e['variance'])} | "
+            f"{r['probe']['linear_probe']:.3f} | {r['probe']['knn_k10']:.3f} | "
+            f"{r['train_seconds']:.1f} |"
+        )
+    base = results["baselines"]
+    lines += [
+        f"| {LABELS['random_init']} | {_fmt(next(iter(results['methods'].values()))['curve']['grad_norm_sq'][0])} "
+        f"| | {next(iter(results['methods'].values()))['curve']['global_loss'][0]:.4f} | | | | "
+        f"{base['random_init']['linear_probe']['mean']:.3f} | "
+        f"{base['random_init']['knn_k10']['mean']:.3f} | |",
+        f"| raw pixels | | | | | | | {base['raw_pixels']['linear_probe']:.3f} | "
+        f"{base['raw_pixels']['knn_k10']:.3f} | |",
+        "",
+    ]
+    if claim:
+        ratios = ", ".join(
+            f"{k.removeprefix('ratio_').replace('_over_emc2', '')} / EMC² = {_fmt(v)}"
+            for k, v in claim.items()
+            if k.startswith("ratio_")
+        )
+        lines += [
+            f"Claim ({claim['criterion']}): {ratios} -> "
+            f"**{'holds' if claim['holds'] else 'does not hold'}** here (paper: SimCLR / EMC² = "
+            f"{PAPER_GRAD_NORM_SQ['simclr'] / PAPER_GRAD_NORM_SQ['emc2']:.0f}, SogCLR / EMC² = "
+            f"{PAPER_GRAD_NORM_SQ['sogclr'] / PAPER_GRAD_NORM_SQ['emc2']:.0f}).",
+            "",
+        ]
+    lines += [
+        "Estimator bias² and variance: at each method's final θ, θ frozen, "
+        f"{s['num_draws']} further draws of the method's gradient estimate (its sampler state "
+        "evolving as in training) against the exact ∇L; bias² = ||mean − ∇L||² − variance/N.",
+        "",
+        "![curves](gradnorm.png)",
+        "",
+        "![estimator](gradnorm_estimator.png)",
+    ]
+    if results["long_run"]:
+        rows = [
+            f"| {LABELS[m]} | {r['curve']['global_loss'][-1]:.4f} | "
+            f"{_fmt(r['curve']['grad_norm_sq'][-1])} | "
+            f"{_fmt(float(np.median(r['curve']['grad_norm_sq'][1:])))} |"
+            for m, r in results["long_run"].items()
+        ]
+        lines += [
+            "",
+            f"Diagnostic beyond the paper's setting ({s['long_run']}, same data and model): with "
+            "the step size decayed the variance term fades and what is left is bias and "
+            "optimisation progress.",
+            "",
+            "| method | final L | final ||∇L||² | median ||∇L||² along the run |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            "![long run](gradnorm_long.png)",
+        ]
+    lines += ["", f"Total time {results['seconds']:.0f} s."]
+    return "\n".join(lines)

@@ -98,23 +98,69 @@ def _mixture(key: Array, noise_variance: Any = NOISE_VARIANCE) -> gmm.GaussianMi
     )
 
 
-def _streamed_moments(
-    key: Array, mixture: gmm.GaussianMixture, *, num_samples: int, chunk: int
-) -> tuple[Array, Array, Array]:
-    """:func:`gmm.class_moments` of ``num_samples`` labelled draws, in chunks (constant memory)."""
-    k = mixture.num_components
+Moments = tuple[Array, Array, Array]
 
-    def body(moments, chunk_key):
-        x, y = gmm.sample(chunk_key, mixture, chunk)
-        return jax.tree.map(jnp.add, moments, gmm.class_moments(x, y, num_classes=k)), None
+
+def _streamed_moments(
+    key: Array,
+    mixture: gmm.GaussianMixture,
+    *,
+    num_samples: int,
+    chunk: int,
+    snapshots: tuple[int, ...] = (),
+) -> tuple[Moments, Moments]:
+    """:func:`gmm.class_moments` of ``num_samples`` labelled draws, in chunks (constant memory).
+
+    Returns the final moments and, stacked, the running moments after each of
+    the ``snapshots`` sample counts (multiples of ``chunk``): LDA's error
+    against its sample size from one pass, and one vmapped LDA to compile.
+    """
+    k = mixture.num_components
+    marks = jnp.asarray([n // chunk for n in snapshots], jnp.int32)
+
+    def body(carry, step_key):
+        step, moments, snaps = carry
+        x, y = gmm.sample(step_key, mixture, chunk)
+        moments = jax.tree.map(jnp.add, moments, gmm.class_moments(x, y, num_classes=k))
+        hit = marks == step + 1  # (len(snapshots),)
+        snaps = jax.tree.map(
+            lambda old, new: jnp.where(hit.reshape((-1,) + (1,) * new.ndim), new, old),
+            snaps,
+            moments,
+        )
+        return (step + 1, moments, snaps), None
 
     zeros = (
         jnp.zeros((k,)),
         jnp.zeros((k, mixture.dim)),
         jnp.zeros((mixture.dim, mixture.dim)),
     )
-    moments, _ = lax.scan(body, zeros, jax.random.split(key, max(num_samples // chunk, 1)))
-    return moments
+    snaps = jax.tree.map(lambda z: jnp.zeros((len(snapshots),) + z.shape), zeros)
+    step_keys = jax.random.split(key, max(num_samples // chunk, 1))
+    (_, moments, snaps), _ = lax.scan(body, (jnp.int32(0), zeros, snaps), step_keys)
+    return moments, snaps
+
+
+def _variant_pairs(key: Array, *, mixture, n: int, shift: Array, copy: Array) -> gmm.Pairs:
+    """Perfect pairs, or the "same point + noise" control (``copy``), shifted by ``shift``.
+
+    Lets the dot-product InfoNCE run, the off-centre control and the
+    same-point control share one vmapped training (one compile instead of three).
+    """
+    perfect = gmm.sample_pairs(key, mixture, n)
+    control = gmm.sample_noisy_copies(
+        jax.random.fold_in(key, 1), mixture, n, noise_scale=CONTROL_NOISE
+    )
+
+    def pick(a, b):
+        return jnp.where(copy, b, a) + shift
+
+    return gmm.Pairs(
+        pick(perfect.x, control.x),
+        pick(perfect.x_pos, control.x_pos),
+        perfect.labels,
+        perfect.labels_pos,
+    )
 
 
 def _scores(encoder: Array, fisher: Array, data: tuple[Array, ...]) -> dict[str, Array]:
@@ -244,17 +290,28 @@ def _fisher_seed(key: Array, noise_variance: Array, *, budget: Budget) -> dict[s
     train = functools.partial(
         gmm.train_infonce, rank=RANK, steps=budget.steps, learning_rate=LEARNING_RATE
     )
-    # Negative control 2: the same mixture shifted off the origin by a random
-    # vector of norm SEPARATION (F is unchanged: it depends on centred means).
+    # Three dot-product InfoNCE runs in one vmapped training (same key: paired):
+    # perfect pairs; the same mixture shifted off the origin by a random vector of
+    # norm SEPARATION (F is unchanged: it depends on centred means); and the
+    # "same point + small noise" negative control.
     offset = jax.random.normal(keys[2], (DIM,))
-    shifted = mixture._replace(means=mixture.means + SEPARATION * offset / jnp.linalg.norm(offset))
-    moments = _streamed_moments(keys[6], mixture, num_samples=budget.pairs_seen, chunk=budget.batch)
-    # Dot-product InfoNCE on the centred and on the shifted mixture: one vmapped
-    # training (same code, different mixture), which halves its compile time.
-    both = jax.tree.map(lambda a, b: jnp.stack([a, b]), mixture, shifted)
+    offset = SEPARATION * offset / jnp.linalg.norm(offset)
+    shifts = jnp.stack([jnp.zeros(DIM), offset, jnp.zeros(DIM)])
+    copies = jnp.array([False, False, True])
     dot = jax.vmap(
-        lambda m: train(keys[3], functools.partial(gmm.sample_pairs, mixture=m, n=budget.batch))
-    )(both).params["encoder"]
+        lambda shift, copy: train(
+            keys[3],
+            functools.partial(
+                _variant_pairs, mixture=mixture, n=budget.batch, shift=shift, copy=copy
+            ),
+        )
+    )(shifts, copies).params["encoder"]
+    # Plug-in LDA and PCA on as many (labelled) samples as InfoNCE saw pairs, and
+    # LDA on fewer samples for its error-against-n curve.
+    sizes = tuple(n for n in LDA_SIZES if n < budget.pairs_seen)
+    moments, snapshots = _streamed_moments(
+        keys[6], mixture, num_samples=budget.pairs_seen, chunk=budget.batch, snapshots=sizes
+    )
     encoders = {
         "infonce": dot[0],
         "infonce_cosine": train(
@@ -263,27 +320,17 @@ def _fisher_seed(key: Array, noise_variance: Array, *, budget: Budget) -> dict[s
         "simsiam": gmm.train_simsiam(
             keys[5], pairs, rank=RANK, steps=budget.steps, learning_rate=LEARNING_RATE
         ).params["encoder"],
-        # Plug-in LDA and PCA on as many (labelled) samples as InfoNCE saw pairs.
         "lda": gmm.lda_from_moments(*moments, rank=RANK),
         "pca": gmm.pca_from_moments(*moments, rank=RANK),
         "random": gmm.random_subspace(keys[7], dim=DIM, rank=RANK),
-        "control_same_point": train(
-            keys[8],
-            functools.partial(
-                gmm.sample_noisy_copies, mixture=mixture, n=budget.batch, noise_scale=CONTROL_NOISE
-            ),
-        ).params["encoder"],
+        "control_same_point": dot[2],
         "infonce_off_centre": dot[1],
         "fisher": fisher,
     }
     out = _score_all(encoders, fisher, data)
-    out["lda_by_samples"] = {
-        str(n): gmm.sin_largest_angle(
-            gmm.lda_subspace(data[0][:n], data[1][:n], num_classes=NUM_COMPONENTS, rank=RANK),
-            fisher,
-        )
-        for n in (*LDA_SIZES, budget.eval_samples)
-    }
+    lda_small = jax.vmap(lambda *m: gmm.lda_from_moments(*m, rank=RANK))(*snapshots)
+    small_sin = jax.vmap(lambda a: gmm.sin_largest_angle(a, fisher))(lda_small)
+    out["lda_by_samples"] = {str(n): small_sin[i] for i, n in enumerate(sizes)}
     out["fisher_accuracy"] = out["accuracy"].pop("fisher")
     for metric in ("sin_angle", "leakage"):
         out[metric].pop("fisher")
@@ -498,7 +545,9 @@ def _noise_seed(key: Array, *, deltas: Array, budget: Budget) -> dict[str, Any]:
 
     encoders = jax.vmap(infonce)(deltas)
     per_delta = jax.vmap(lambda a: _scores(a, fisher, data))(encoders)
-    moments = _streamed_moments(keys[3], mixture, num_samples=budget.pairs_seen, chunk=budget.batch)
+    moments, _ = _streamed_moments(
+        keys[3], mixture, num_samples=budget.pairs_seen, chunk=budget.batch
+    )
     lda = gmm.lda_from_moments(*moments, rank=RANK)
     reference = _score_all({"lda": lda, "fisher": fisher}, fisher, data)
     return {"infonce": per_delta, "reference": reference}
