@@ -11,10 +11,14 @@ encoder with dot-product InfoNCE for ``steps`` Adam steps on fresh batches
 
 Both are compiled before timing (``compile_*_s`` report that separately) and
 give the same encoders (``max_abs_diff``). The headline figure is
-``gmm_vmap_speedup_vs_loop`` = loop time / vmapped time (target >= 10 on a
-2-core CPU): a single seed's steps are too small to keep the cores busy, so
-per-op overhead dominates the loop, while the vmapped sweep pays it once for
-all seeds.
+``gmm_vmap_speedup_vs_loop`` = loop time / vmapped time at batch 128 (the
+targets' --quick batch; target >= 10 on a 2-core CPU), with rows at other
+batch sizes. ``random_draws_share_of_vmapped`` times the same random draws
+alone (uniform labels, Gaussian noise for x and x+, threefry on CPU) against
+the vmapped sweep: the streamed-data setting draws 2 * batch * d Gaussians per
+step and seed, and on this CPU that, not per-call overhead, bounds the sweep
+(XLA already runs one seed's ``lax.scan`` at ~20 us per step, so a loop over
+seeds has little overhead for vmap to remove).
 
 Run: ``python benchmarks/bench_gmm.py [--quick] [--out DIR]``.
 ``EMC2JAX_BENCH_TINY=1`` shrinks it to a smoke test (figures meaningless).
@@ -31,12 +35,17 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import block, machine_info, save_json, time_call  # noqa: E402
 from emc2jax import gmm  # noqa: E402
+
+SEEDS = 64
+BATCHES = (16, 64, 128)  # 128: the batch of the gmm_* targets' --quick runs
+HEADLINE_BATCH = 128
 
 
 def training(key: jax.Array, *, steps: int, batch: int) -> dict[str, jax.Array]:
@@ -50,53 +59,80 @@ def training(key: jax.Array, *, steps: int, batch: int) -> dict[str, jax.Array]:
     return {"encoder": result.params["encoder"], "final_loss": result.loss[-1]}
 
 
+def draws_only(key: jax.Array, *, steps: int, batch: int, dim: int = 20) -> jax.Array:
+    """The random numbers one training draws (uniforms and normals), and nothing else."""
+
+    def body(total, t):
+        k = jax.random.fold_in(key, t)
+        u = jax.random.uniform(k, (3, batch))
+        eps = jax.random.normal(jax.random.fold_in(k, 1), (2, batch, dim))
+        return total + jnp.sum(u) + jnp.sum(eps), None
+
+    return jax.lax.scan(body, jnp.float32(0), jnp.arange(steps))[0]
+
+
 def _compile(fn, *args) -> tuple[Any, float]:
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     return compiled, time.perf_counter() - start
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """Times the loop and the vmapped sweep side by side; returns the figures."""
-    tiny = bool(os.environ.get("EMC2JAX_BENCH_TINY"))
-    seeds = 4 if tiny else 64
-    steps = 5 if tiny else 200 if quick else 500
-    batch = 16 if tiny else 64
-    repeats = 1 if tiny else 3 if quick else 5
+def measure(
+    *, seeds: int, steps: int, batch: int, repeats: int, impl: str | None = None
+) -> dict[str, Any]:
+    """One row: loop vs vmapped for one batch size (and PRNG), compile times apart."""
     fn = functools.partial(training, steps=steps, batch=batch)
-    keys = gmm.seed_keys(0, seeds)
-
+    keys = gmm.seed_keys(0, seeds, impl=impl)
     single, compile_single_s = _compile(fn, keys[0])
     vmapped, compile_vmapped_s = _compile(jax.vmap(fn), keys)
+    draws, _ = _compile(jax.vmap(functools.partial(draws_only, steps=steps, batch=batch)), keys)
 
     def loop():
         return [single(k) for k in keys]
 
     loop_t = time_call(loop, repeats=repeats)
     vmap_t = time_call(lambda: vmapped(keys), repeats=repeats)
-
+    draws_t = time_call(lambda: draws(keys), repeats=repeats)
     looped = block(loop())
     swept = block(vmapped(keys))
     max_abs_diff = max(
         float(np.max(np.abs(np.asarray(swept["encoder"][i]) - np.asarray(r["encoder"]))))
         for i, r in enumerate(looped)
     )
-    speedup = loop_t["median_s"] / vmap_t["median_s"]
-    with_compile = (loop_t["median_s"] + compile_single_s) / (
-        vmap_t["median_s"] + compile_vmapped_s
-    )
     return {
-        "gmm_vmap_speedup_vs_loop": speedup,
-        "speedup_including_compile": with_compile,
-        "seeds": seeds,
-        "steps": steps,
         "batch": batch,
+        "prng": impl or str(jax.config.jax_default_prng_impl),
+        "speedup": loop_t["median_s"] / vmap_t["median_s"],
+        "speedup_including_compile": (loop_t["median_s"] + compile_single_s)
+        / (vmap_t["median_s"] + compile_vmapped_s),
         "loop_s": loop_t["median_s"],
         "vmapped_s": vmap_t["median_s"],
         "compile_single_s": compile_single_s,
         "compile_vmapped_s": compile_vmapped_s,
+        # Share of the vmapped sweep spent drawing its random numbers (threefry on CPU).
+        "random_draws_share_of_vmapped": draws_t["median_s"] / vmap_t["median_s"],
         "max_abs_diff": max_abs_diff,
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Times the loop and the vmapped sweep side by side, per batch size."""
+    tiny = bool(os.environ.get("EMC2JAX_BENCH_TINY"))
+    seeds = 4 if tiny else SEEDS
+    steps = 5 if tiny else 200 if quick else 500
+    batches = (16,) if tiny else BATCHES
+    repeats = 1 if tiny else 3 if quick else 5
+    rows = [measure(seeds=seeds, steps=steps, batch=b, repeats=repeats) for b in batches]
+    headline = next(r for r in rows if r["batch"] == (batches[0] if tiny else HEADLINE_BATCH))
+    return {
+        "gmm_vmap_speedup_vs_loop": headline["speedup"],
+        "speedup_including_compile": headline["speedup_including_compile"],
+        "headline_batch": headline["batch"],
+        "random_draws_share_of_vmapped": headline["random_draws_share_of_vmapped"],
+        "seeds": seeds,
+        "steps": steps,
         "repeats": repeats,
+        "rows": rows,
         "load_average": list(os.getloadavg()),
         "machine": machine_info(),
     }
@@ -108,13 +144,20 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     result = run(quick=args.quick)
+    for row in result["rows"]:
+        print(
+            f"{result['seeds']} seeds x {result['steps']} steps, batch {row['batch']:4d} "
+            f"({row['prng']}): "
+            f"loop {row['loop_s']:.2f} s, vmapped {row['vmapped_s']:.3f} s -> "
+            f"{row['speedup']:.1f}x (with compile {row['speedup_including_compile']:.1f}x; "
+            f"compile single {row['compile_single_s']:.1f} s, vmapped "
+            f"{row['compile_vmapped_s']:.1f} s; random draws "
+            f"{100 * row['random_draws_share_of_vmapped']:.0f}% of vmapped; "
+            f"max |diff| {row['max_abs_diff']:.1e})"
+        )
     print(
-        f"{result['seeds']} seeds x {result['steps']} steps (batch {result['batch']}): "
-        f"loop {result['loop_s']:.2f} s, vmapped {result['vmapped_s']:.3f} s -> "
-        f"gmm_vmap_speedup_vs_loop {result['gmm_vmap_speedup_vs_loop']:.1f}x "
-        f"(compile: single {result['compile_single_s']:.1f} s, vmapped "
-        f"{result['compile_vmapped_s']:.1f} s; with compile "
-        f"{result['speedup_including_compile']:.1f}x; max |diff| {result['max_abs_diff']:.1e})"
+        f"gmm_vmap_speedup_vs_loop (batch {result['headline_batch']}): "
+        f"{result['gmm_vmap_speedup_vs_loop']:.1f}"
     )
     if args.out is not None:
         save_json(args.out / "bench_gmm.json", result)

@@ -173,15 +173,26 @@ def sweep_options(
     unrolls: tuple[int, ...] = (1, 2, 4),
     chunk_sizes: tuple[int, ...] = (64, 256, 1024),
     rounds: int = 4,
+    skip_unrolled_small_chunks: bool = False,
+    compiled: dict[tuple[int, int], Any] | None = None,
 ) -> dict[str, Any]:
     """The sweep's time for each ``unroll`` x ``chunk_size``, side by side (CPU defaults).
 
     Returns rows ``{unroll, chunk_size, jax_s, jax_cpu_s}`` (chunk sizes above
-    B are the same program as chunk_size = B and are skipped) and the fastest.
+    B are the same program as chunk_size = B and are skipped; with
+    ``skip_unrolled_small_chunks``, unroll > 1 only at the largest chunk) and
+    the fastest. ``compiled`` maps ``(unroll, chunk_size)`` to sweeps already
+    built by :func:`_jax_step` on :func:`in_batch_problem` (batch_size), reused.
     """
     problem = in_batch_problem(batch_size)
     chunks = sorted({min(c, batch_size) for c in chunk_sizes})
-    steps = {(u, c): _jax_step(problem, 0, unroll=u, chunk_size=c) for u in unrolls for c in chunks}
+    compiled = compiled or {}
+    steps = {
+        (u, c): compiled.get((u, c)) or _jax_step(problem, 0, unroll=u, chunk_size=c)
+        for u in unrolls
+        for c in chunks
+        if u == 1 or c == chunks[-1] or not skip_unrolled_small_chunks
+    }
     compile_s = {k: time_call(fn, repeats=1, warmup=2)["first_call_s"] for k, fn in steps.items()}
     wall: dict[tuple[int, int], list[float]] = {k: [] for k in steps}
     cpu: dict[tuple[int, int], list[float]] = {k: [] for k in steps}
@@ -246,13 +257,15 @@ def run(quick: bool = False) -> dict[str, Any]:
     tiny = bool(os.environ.get("EMC2JAX_BENCH_TINY"))
     sizes = (16,) if tiny else (64, 256) if quick else (64, 256, 1024)
     headline_b = sizes[-1] if tiny else 256
-    rows = []
+    rows, default_steps = [], {}
     for b in sizes:
         problem = in_batch_problem(b)
         p = problem["scores"].shape[-1]
         burn_in = 0
         step = _jax_step(problem, burn_in)
         compile_s = time_call(step, repeats=1, warmup=2)["first_call_s"]
+        # The defaults: unroll 1, chunk_size min(B, 256) on CPU (see emc2.step).
+        default_steps[b] = {(1, min(b, 256)): step}
         rng = np.random.default_rng(1)
 
         def numpy_loop(problem=problem, rng=rng):
@@ -279,6 +292,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         headline_b,
         unrolls=(1,) if tiny else (1, 2) if quick else (1, 2, 4, 8),
         chunk_sizes=(8,) if tiny else (64, 256) if quick else (32, 64, 128, 256),
+        skip_unrolled_small_chunks=quick,
+        compiled=default_steps[headline_b] if jax.default_backend() == "cpu" else None,
         rounds=1 if tiny else 3 if quick else 6,
     )
     return {

@@ -21,14 +21,13 @@ decay 1e-6, beta = 14.28, EMC² with in-batch proposals and burn-in 0.5.
 Expected: not measured by us (no ImageNet here); compare the linear probe
 with the paper's ImageNet-100 table (Yau et al. 2024, section 5).
 
-LIMITATION (memory): EMC² re-encodes carried-over negatives by index, so the
-engine keeps the whole training set on every accelerator (``method.needs_table``):
-126,689 x 224 x 224 x 3 uint8 = 19.1 GB per device, read and resized on the
-host at start-up (tens of minutes). That fits an 80 GB GPU next to ResNet-50
-at batch 256, not a 16-32 GB TPU core; there, lower ``dataset.image_size``
-does NOT help (the table keeps the 224 px source images) -- the engine needs a
-host-fetch mode for carried-over negatives. SimCLR and SogCLR (no table) have
-no such limit.
+Memory: EMC² re-encodes each example's carried-over negative by index. With
+the default ``sampler.carried_images='device'`` the engine would keep the whole
+training set on every accelerator: 126,689 x 224 x 224 x 3 uint8 = 19.1 GB per
+device (fits an 80 GB GPU, not a 16-32 GB TPU core). This config sets
+``'host'``: the input loop gathers only the batch's B carried-over images on
+the host each step (one small device-to-host read of the chain states per
+step, which serialises the loop a little). SimCLR and SogCLR need neither.
 """
 
 from emc2jax.config import base_config
@@ -67,6 +66,7 @@ def get_config(arg=None):
     c.sampler.proposals = "batch"
     c.sampler.burn_in = 0.5
     c.sampler.refresh_score = False
+    c.sampler.carried_images = "host"  # 19 GB of images would not fit every device
     c.eval.batch_size = 256
     c.eval.knn_ks = (200, 10, 1)
     return c

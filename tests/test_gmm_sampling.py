@@ -42,6 +42,10 @@ def test_anisotropic_mixture_structure(mixture):
     assert weights @ np.sum(means**2, axis=1) <= 2.0**2 + 1e-5
 
 
+def mixture_for_errors():
+    return gmm.mixture_from_covariance([0.5, 0.5], np.eye(2), np.eye(2))
+
+
 def test_constructor_rejects_bad_shapes():
     # Checked at trace time, before anything is compiled.
     with pytest.raises(ValueError, match="num_noise_directions"):
@@ -50,6 +54,8 @@ def test_constructor_rejects_bad_shapes():
         gmm.isotropic_mixture(jax.random.key(0), dim=4, num_components=3, weights=jnp.ones(2) / 2)
     with pytest.raises(ValueError, match="positive definite"):
         gmm.mixture_from_covariance([0.5, 0.5], np.zeros((2, 2)), np.diag([1.0, -1.0]))
+    with pytest.raises(ValueError, match="delta"):
+        gmm.sample_pairs(jax.random.key(0), mixture_for_errors(), 4, delta=1.5)
     with pytest.raises(ValueError, match="sum to 1"):
         gmm.mixture_from_covariance([0.5, 0.6], np.zeros((2, 2)), np.eye(2))
 

@@ -9,6 +9,7 @@ count, and the multi-device engine has its own tests (``test_train.py``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 
@@ -50,10 +51,13 @@ def test_notebook_is_stored_clean(path):
     assert "jax.devices()" in code_cells[1].source and "EMC2JAX_SMOKE" in code_cells[1].source
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_smoke_mode(path, tmp_path):
-    nb = _read(path)
+def _smoke_client(path: pathlib.Path, workdir: pathlib.Path):
+    client = nbclient.NotebookClient(
+        _read(path),
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(workdir)}},
+    )
     env = dict(os.environ)
     # The kernel is a new process: it must not inherit the 8 fake devices of the
     # test session (tests/conftest.py), which would only slow it down.
@@ -62,18 +66,31 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     )
     env.update(
         EMC2JAX_SMOKE="1",
-        EMC2JAX_WORKDIR=str(tmp_path),
+        EMC2JAX_WORKDIR=str(workdir),
         JAX_PLATFORMS="cpu",
         MPLBACKEND="Agg",
         PYDEVD_DISABLE_FILE_VALIDATION="1",
     )
-    client = nbclient.NotebookClient(
-        nb,
-        timeout=CELL_TIMEOUT_S,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path)}},
-    )
-    try:
-        client.execute(env=env)
-    except nbclient.exceptions.CellExecutionError as error:
-        pytest.fail(f"{path.name} failed in smoke mode:\n{error}", pytrace=False)
+    return client.async_execute(env=env)
+
+
+@pytest.mark.slow
+def test_notebooks_run_in_smoke_mode(tmp_path):
+    """All notebooks at once, one kernel each: their time is mostly single-threaded
+    XLA compilation, so running them side by side uses every core."""
+    workdirs = {path: tmp_path / path.stem for path in NOTEBOOKS}
+    for workdir in workdirs.values():
+        workdir.mkdir()
+
+    async def run_all():
+        runs = [_smoke_client(path, workdir) for path, workdir in workdirs.items()]
+        return await asyncio.gather(*runs, return_exceptions=True)
+
+    outcomes = asyncio.run(run_all())
+    failures = [
+        f"{path.name}:\n{outcome}"
+        for path, outcome in zip(NOTEBOOKS, outcomes, strict=True)
+        if isinstance(outcome, BaseException)
+    ]
+    if failures:
+        pytest.fail("notebooks failed in smoke mode:\n\n" + "\n\n".join(failures), pytrace=False)

@@ -122,9 +122,10 @@ def anisotropic_mixture(
         mu_c = separation * Q_low (u_c - sum_c' pi_c' u_c'),   u_c = g_c / ||g_c||,  g_c ~ N(0, I),
 
     centred so that the mixture has mean zero, and with
-    ``sum_c pi_c ||mu_c||^2 <= separation^2``. The noise directions are orthogonal to every mean, hence to the Fisher
-    subspace ``span Sigma^-1 (mu_c - mu_bar)`` (Sigma^-1 preserves the
-    low-variance eigenspace). The data covariance is ``Sigma + S_b`` with
+    ``sum_c pi_c ||mu_c||^2 <= separation^2``. The noise directions are
+    orthogonal to every mean, hence to the Fisher subspace
+    ``span Sigma^-1 (mu_c - mu_bar)`` (Sigma^-1 preserves the low-variance
+    eigenspace). The data covariance is ``Sigma + S_b`` with
     ``||S_b|| <= sum_c pi_c ||mu_c||^2 <= separation^2``, so whenever
 
         noise_variance > signal_variance + separation^2

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from emc2jax.gmm.mixture import GaussianMixture, TwoModalMixture
 
@@ -62,7 +63,9 @@ def _labels_from_uniform(u: Array, weights: ArrayLike) -> Array:
 
 def _noise(eps: Array, mixture: GaussianMixture) -> Array:
     """``Q diag(sqrt(lambda)) eps`` row by row: (..., d) -> (..., d)."""
-    return (eps * jnp.sqrt(mixture.cov_eigvals)) @ mixture.cov_rotation.T
+    return jnp.matmul(
+        eps * jnp.sqrt(mixture.cov_eigvals), mixture.cov_rotation.T, precision=lax.Precision.HIGHEST
+    )
 
 
 def sample_labels(key: ArrayLike, weights: ArrayLike, n: int) -> Array:
@@ -82,6 +85,12 @@ def sample(key: ArrayLike, mixture: GaussianMixture, n: int) -> tuple[Array, Arr
     k_lab, k_x = jax.random.split(key)
     labels = sample_labels(k_lab, mixture.weights, n)
     return sample_given_labels(k_x, mixture, labels), labels
+
+
+def _check_delta(delta: ArrayLike) -> None:
+    # Only concrete values can be checked; traced deltas (a sweep) pass.
+    if isinstance(delta, (int, float)) and not 0.0 <= delta <= 1.0:
+        raise ValueError(f"delta must be in [0, 1], got {delta}.")
 
 
 def _pair_labels(key: ArrayLike, weights: Array, n: int, delta: ArrayLike) -> tuple[Array, Array]:
@@ -111,6 +120,7 @@ def sample_pairs(
     Returns:
       :class:`Pairs` with x, x_pos of shape (n, d).
     """
+    _check_delta(delta)
     k_lab, k_eps = jax.random.split(key)
     labels, labels_pos = _pair_labels(k_lab, mixture.weights, n, delta)
     # x and x+ get independent noise: the positive is a fresh draw, not a copy.
@@ -130,6 +140,8 @@ def sample_noisy_copies(
 
     Returns :class:`Pairs` with ``labels_pos == labels``.
     """
+    if isinstance(noise_scale, (int, float)) and noise_scale < 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}.")
     k_x, k_noise = jax.random.split(key)
     x, labels = sample(k_x, mixture, n)
     jitter = jnp.asarray(noise_scale, jnp.float32) * jax.random.normal(k_noise, x.shape)
@@ -144,6 +156,7 @@ def sample_two_modal_pairs(
     With probability ``delta`` the second modality's label is redrawn (a
     mismatched caption). Shapes: x (n, d_1), x_pos (n, d_2).
     """
+    _check_delta(delta)
     k_lab, k_x, k_y = jax.random.split(key, 3)
     labels, labels_pos = _pair_labels(k_lab, mixture.first.weights, n, delta)
     return Pairs(

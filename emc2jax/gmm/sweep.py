@@ -23,9 +23,15 @@ ArrayLike = jax.typing.ArrayLike
 __all__ = ["seed_keys", "summarize", "sweep", "vectorize"]
 
 
-def seed_keys(seed: int, num_seeds: int) -> Array:
-    """``num_seeds`` independent PRNG keys derived from ``seed``: (num_seeds,) keys."""
-    return jax.random.split(jax.random.key(seed), num_seeds)
+def seed_keys(seed: int, num_seeds: int, *, impl: str | None = None) -> Array:
+    """``num_seeds`` independent PRNG keys derived from ``seed``: (num_seeds,) keys.
+
+    ``impl`` picks the PRNG (``jax.random.key``'s argument; default: JAX's,
+    threefry2x32). Any counter-based implementation (threefry, philox) keeps
+    a vmapped sweep equal to the Python loop over the same keys; ``"rbg"``
+    does not (see ``jax.random``'s documentation).
+    """
+    return jax.random.split(jax.random.key(seed, impl=impl), num_seeds)
 
 
 def vectorize(fn: Callable[..., Any], names: tuple[str, ...]) -> Callable[..., Any]:
