@@ -30,6 +30,7 @@ Run: ``python benchmarks/bench_sampler.py [--quick] [--out DIR]``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import pathlib
 import statistics
@@ -137,9 +138,9 @@ def _jax_step(
     )
 
     @jax.jit
-    def sweep(key, state, scores, example_index, column_index, mask):
+    def sweep(call, state, scores, example_index, column_index, mask):
         return emc2.step(
-            key,
+            jax.random.fold_in(jax.random.key(0), call),  # a fresh key per call
             state,
             example_index=example_index,
             proposal_log_scores=scores,
@@ -151,8 +152,8 @@ def _jax_step(
             chunk_size=chunk_size,
         )
 
-    keys = iter(jax.random.split(jax.random.key(0), 10_000))
-    return lambda: sweep(next(keys), state, *args)
+    calls = itertools.count()
+    return lambda: sweep(next(calls), state, *args)
 
 
 def time_emc2_train_step(batch_size: int, quick: bool) -> float | None:
@@ -291,7 +292,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     options = sweep_options(
         headline_b,
         unrolls=(1,) if tiny else (1, 2) if quick else (1, 2, 4, 8),
-        chunk_sizes=(8,) if tiny else (64, 256) if quick else (32, 64, 128, 256),
+        chunk_sizes=(256,) if tiny else (64, 256) if quick else (32, 64, 128, 256),
         skip_unrolled_small_chunks=quick,
         compiled=default_steps[headline_b] if jax.default_backend() == "cpu" else None,
         rounds=1 if tiny else 3 if quick else 6,

@@ -9,7 +9,7 @@ subspace (``f(x) = A x``), are pure and traceable (vmap over seeds).
 - :func:`leakage`: ``||A (I - P_F)||_F / ||A||_F``, the fraction of the
   encoder's norm outside F. Unlike the angles it weighs directions by how much
   the encoder uses them, so it is the meaningful containment measure when
-  ``r != k - 1`` (Bansal et al., arXiv 2411.03517, Thm. 3: with r < k - 1 the
+  ``r != k - 1`` (Bansal et al., arXiv 2411.03517: with r < k - 1 the
   rows lie *inside* F; with r > k - 1 the extra rows should vanish).
 - :func:`effective_rank`: entropy effective rank (Roy & Vetterli 2007) or
   participation ratio of A's singular values.

@@ -1,6 +1,6 @@
 """Gaussian-mixture specifications (pytrees) and their constructors.
 
-The model of Bansal, Kavis & Sanghavi (arXiv 2411.03517, Section 2): ``k``
+The model of Bansal, Kavis & Sanghavi (arXiv 2411.03517): ``k``
 components with weights ``pi``, means ``mu_c`` in R^d and one shared covariance
 
     Sigma = Q diag(lambda) Q^T,        x = mu_c + Q diag(sqrt(lambda)) eps,  eps ~ N(0, I).
@@ -62,7 +62,7 @@ class GaussianMixture(NamedTuple):
 
 
 class TwoModalMixture(NamedTuple):
-    """Two modalities sharing the component label (the CLIP model of 2411.03517, Sec. 5).
+    """Two modalities sharing the component label (2411.03517's CLIP setting).
 
     A pair is drawn as ``c ~ pi``, ``x ~ N(first.means[c], Sigma_1)``,
     ``y ~ N(second.means[c], Sigma_2)``; the label distribution is

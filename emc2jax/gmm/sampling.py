@@ -1,8 +1,8 @@
 """Samples and positive pairs from a Gaussian mixture.
 
 Augmentation in the model of Bansal, Kavis & Sanghavi (arXiv 2411.03517,
-Sec. 3): the positive ``x+`` of ``x`` is an *independent* draw from the same
-component. Its noisy variant (their Sec. 4) redraws the positive's component
+its main setting): the positive ``x+`` of ``x`` is an *independent* draw from the same
+component. Its noisy variant redraws the positive's component
 from ``pi`` with probability ``delta``, so that
 
     P(c+ = c | c) = 1 - delta (1 - pi_c).

@@ -4,7 +4,7 @@ Convention: a subspace of R^d is given by an (r, d) matrix whose *rows* span it,
 the same shape as a linear encoder ``f(x) = A x``; the estimators here return
 orthonormal rows, so they can be used directly as encoders.
 
-Fisher subspace (Bansal, Kavis & Sanghavi, arXiv 2411.03517, Def. 1):
+Fisher subspace (the target of Bansal, Kavis & Sanghavi, arXiv 2411.03517):
 
     F = span{ Sigma^-1 (mu_c - mu_bar) : c = 1..k },   mu_bar = sum_c pi_c mu_c,
 

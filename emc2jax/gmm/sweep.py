@@ -63,6 +63,9 @@ def sweep(fn: Callable[..., Any], keys: ArrayLike, **grid: ArrayLike) -> Any:
     Returns:
       ``fn``'s pytree with leading axes ``(len(grid[name_1]), ..., S)``.
 
+    Each call traces and compiles afresh; to rerun the same sweep on new keys
+    or values, keep ``jax.jit(vectorize(fn, names))`` and call it instead.
+
     Example::
 
         run = functools.partial(experiment, dim=20, rank=3)  # statics bound

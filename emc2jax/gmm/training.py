@@ -82,7 +82,7 @@ def infonce_objective(
     """Mean in-batch InfoNCE of the linear encoder on a batch of pairs: scalar.
 
     ``mean_i [ -s(A x_i, A x+_i) / tau + log sum_j exp(s(A x_i, A x+_j) / tau) ]``
-    (van den Oord et al. 2018, eq. 4; 2411.03517, eq. 2), with ``s`` the dot
+    (van den Oord et al. 2018, eq. 4; the loss of 2411.03517), with ``s`` the dot
     product (``normalize=False``, the paper's linear setting) or the cosine.
     """
     return jnp.mean(
@@ -121,7 +121,7 @@ def clip_objective(
 
     ``params = {"first": A_1 (r, d_1), "second": A_2 (r, d_2)}``; the pairs'
     ``x`` is modality 1 and ``x_pos`` modality 2 (Radford et al. 2021;
-    2411.03517, Sec. 5).
+    2411.03517's CLIP setting).
     """
     return jnp.mean(
         losses.clip_loss(
