@@ -227,19 +227,29 @@ def _alternating_seconds(jax_fn, numpy_fn, rounds: int) -> dict[str, float]:
     """Times the two in alternating blocks of warm calls (drift in load hits both alike).
 
     Each round runs a block of 4 calls of each (the first call of a block only
-    warms the caches and is not kept); medians and minima of the wall-clock
-    times and medians of the process's CPU times over all kept calls.
+    warms the caches and is not kept). Returns medians and minima of the
+    wall-clock times, medians of the process's CPU times, and the speedups
+    (NumPy / JAX) as medians over the rounds of the per-round ratios of the
+    blocks' means, which cancels drift between rounds.
     """
     wall: dict[str, list[float]] = {"jax": [], "numpy": []}
     cpu: dict[str, list[float]] = {"jax": [], "numpy": []}
+    blocks: dict[str, list[tuple[float, float]]] = {"jax": [], "numpy": []}
     for _ in range(rounds):
         for name, fn in (("jax", lambda: block(jax_fn())), ("numpy", numpy_fn)):
+            kept_wall, kept_cpu = [], []
             for call in range(4):
                 start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
                 if call:
-                    wall[name].append(time.perf_counter() - start)
-                    cpu[name].append(time.process_time() - start_cpu)
+                    kept_wall.append(time.perf_counter() - start)
+                    kept_cpu.append(time.process_time() - start_cpu)
+            wall[name] += kept_wall
+            cpu[name] += kept_cpu
+            blocks[name].append((statistics.fmean(kept_wall), statistics.fmean(kept_cpu)))
+    paired = [
+        (n[0] / j[0], n[1] / j[1]) for j, n in zip(blocks["jax"], blocks["numpy"], strict=True)
+    ]
     return {
         "jax_s": statistics.median(wall["jax"]),
         "jax_min_s": min(wall["jax"]),
@@ -247,6 +257,8 @@ def _alternating_seconds(jax_fn, numpy_fn, rounds: int) -> dict[str, float]:
         "numpy_loop_s": statistics.median(wall["numpy"]),
         "numpy_loop_min_s": min(wall["numpy"]),
         "numpy_loop_cpu_s": statistics.median(cpu["numpy"]),
+        "speedup": statistics.median(r[0] for r in paired),
+        "speedup_cpu": statistics.median(r[1] for r in paired),
     }
 
 
@@ -274,6 +286,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
         rounds = 1 if tiny else (2 if b >= 1024 else 6) if quick else (3 if b >= 1024 else 10)
         timing = _alternating_seconds(step, numpy_loop, rounds)
+        speedup, speedup_cpu = timing.pop("speedup"), timing.pop("speedup_cpu")
         rows.append(
             {
                 "batch_size": b,
@@ -281,9 +294,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "valid_proposals_per_chain": NUM_VIEWS * (p - 2),
                 **timing,
                 "jax_compile_and_first_call_s": compile_s,
-                "speedup_vs_numpy_loop": timing["numpy_loop_s"] / timing["jax_s"],
+                "speedup_vs_numpy_loop": speedup,
                 "speedup_vs_numpy_loop_min": timing["numpy_loop_min_s"] / timing["jax_min_s"],
-                "speedup_vs_numpy_loop_cpu": timing["numpy_loop_cpu_s"] / timing["jax_cpu_s"],
+                "speedup_vs_numpy_loop_cpu": speedup_cpu,
                 "jax_ns_per_proposal": 1e9 * timing["jax_s"] / (b * NUM_VIEWS * p),
             }
         )

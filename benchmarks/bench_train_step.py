@@ -388,41 +388,52 @@ def compare(
     runners: Sequence[StepRunner],
     *,
     rounds: int,
-    calls_per_round: int = 3,
-    rewarm: bool = True,
+    calls_per_round: int = 2,
+    rewarm: bool = False,
     labels: Sequence[str] | None = None,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Times the runners side by side: ``rounds`` rounds of a block of calls of each.
 
-    With ``rewarm`` an extra first call of each block is not kept (it re-warms
-    the caches after the other runner; pointless for steps of seconds);
-    medians and minima over the kept calls.
+    Each round runs every runner in turn, so a drift in the machine's load
+    between rounds hits them alike; ratios are then taken round by round
+    (:func:`_ratio`). With ``rewarm`` an extra first call of each block is not
+    kept (it re-warms the caches after the other runners).
 
     Returns:
-      ``{label: {"median_s", "min_s", "cpu_median_s", "samples"}}`` (labels
-      default to the runners' names): wall-clock
-      seconds per step (median, minimum) and the median CPU seconds the process
-      spent per step (all threads). On a shared machine the CPU time is the
+      ``{label: {"median_s", "min_s", "cpu_median_s", "samples", "round_s",
+      "round_cpu_s"}}`` (labels default to the runners' names): wall-clock
+      seconds per step (median, minimum over the kept calls), the median CPU
+      seconds the process spent per step (all threads), and each round's mean
+      wall and CPU seconds per step. On a shared machine the CPU time is the
       steadier measure of the work a step does: wall time also counts the time
       the process waited for a core.
     """
     labels = [r.name for r in runners] if labels is None else list(labels)
     wall: dict[str, list[float]] = {label: [] for label in labels}
     cpu: dict[str, list[float]] = {label: [] for label in labels}
+    rounds_wall: dict[str, list[float]] = {label: [] for label in labels}
+    rounds_cpu: dict[str, list[float]] = {label: [] for label in labels}
     for _ in range(rounds):
         for label, runner in zip(labels, runners, strict=True):
+            kept_wall, kept_cpu = [], []
             for call in range(calls_per_round + int(rewarm)):
                 start, start_cpu = time.perf_counter(), time.process_time()
                 block(runner())
                 if call or not rewarm:
-                    wall[label].append(time.perf_counter() - start)
-                    cpu[label].append(time.process_time() - start_cpu)
+                    kept_wall.append(time.perf_counter() - start)
+                    kept_cpu.append(time.process_time() - start_cpu)
+            wall[label] += kept_wall
+            cpu[label] += kept_cpu
+            rounds_wall[label].append(statistics.fmean(kept_wall))
+            rounds_cpu[label].append(statistics.fmean(kept_cpu))
     return {
         name: {
             "median_s": statistics.median(s),
             "min_s": min(s),
             "cpu_median_s": statistics.median(cpu[name]),
             "samples": len(s),
+            "round_s": rounds_wall[name],
+            "round_cpu_s": rounds_cpu[name],
         }
         for name, s in wall.items()
     }
@@ -440,12 +451,20 @@ def _throughput(runner: StepRunner, timing: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def _ratio(timing: dict[str, dict[str, float]], a: str, b: str) -> dict[str, float]:
-    """``a / b`` by the wall-clock median, the wall-clock minimum and the CPU-time median."""
+def _ratio(timing: dict[str, dict[str, Any]], a: str, b: str) -> dict[str, float]:
+    """``a / b``: medians over the rounds of the per-round ratios (wall clock and CPU time).
+
+    Pairing the two round by round cancels the drift in the machine's load
+    between rounds. ``min`` is the ratio of the fastest calls.
+    """
+
+    def paired(key: str) -> float:
+        return statistics.median(x / y for x, y in zip(timing[a][key], timing[b][key], strict=True))
+
     return {
-        "median": timing[a]["median_s"] / timing[b]["median_s"],
+        "median": paired("round_s"),
+        "cpu": paired("round_cpu_s"),
         "min": timing[a]["min_s"] / timing[b]["min_s"],
-        "cpu": timing[a]["cpu_median_s"] / timing[b]["cpu_median_s"],
     }
 
 
@@ -459,8 +478,8 @@ def emc2_vs_simclr(
     batch_size: int,
     *,
     rounds: int,
-    calls_per_round: int = 3,
-    rewarm: bool = True,
+    calls_per_round: int = 2,
+    rewarm: bool = False,
     with_stub: bool,
     others: Sequence[str] = (),
 ) -> dict[str, Any]:
@@ -468,7 +487,7 @@ def emc2_vs_simclr(
 
     Returns the timings, compile times, trace counts, throughput of every
     runner, ``emc2_over_simclr`` and (``with_stub``) ``sampler_fraction``,
-    each as wall-clock median / wall-clock minimum / CPU-time median figures.
+    each by wall clock and by CPU time (see :func:`_ratio`).
     """
     names = ["simclr", "emc2", *[m for m in others if m not in ("simclr", "emc2")]]
     runners = [get_runner(name, model=model, batch_size=batch_size) for name in names]
@@ -499,7 +518,7 @@ def batch_scaling(
     rows = []
     for b in batch_sizes:
         runners = [get_runner(name, model=model, batch_size=b) for name in ("simclr", "emc2")]
-        timing = compare(runners, rounds=rounds, calls_per_round=2)
+        timing = compare(runners, rounds=rounds)
         rows.append(
             {
                 "batch_size": b,
@@ -528,16 +547,15 @@ def dataset_scaling(
         get_runner("emc2", model=model, batch_size=batch_size, num_examples=int(m)) for m in sizes
     ]
     names = [f"m={r.num_examples}" for r in runners]
-    timing = compare(runners, rounds=rounds, calls_per_round=2, labels=names)
-    base = timing[names[0]]
+    timing = compare(runners, rounds=rounds, labels=names)
     rows = [
         {
             "num_examples": r.num_examples,
             "step_s": timing[n]["median_s"],
             "step_min_s": timing[n]["min_s"],
             "step_cpu_s": timing[n]["cpu_median_s"],
-            "relative_to_smallest": timing[n]["median_s"] / base["median_s"],
-            "relative_to_smallest_cpu": timing[n]["cpu_median_s"] / base["cpu_median_s"],
+            "relative_to_smallest": _ratio(timing, n, names[0])["median"],
+            "relative_to_smallest_cpu": _ratio(timing, n, names[0])["cpu"],
             "compile_s": r.compile_s,
             "image_table_bytes": int(r.table.nbytes),
             "sampler_state_bytes": _tree_bytes(r.state.sampler_state),
@@ -657,7 +675,7 @@ def sizes(quick: bool) -> dict[str, Any]:
     if quick:
         return {
             **common,
-            "rounds": 5,
+            "rounds": 12,
             "methods": ("simclr", "sogclr", "emc2"),
             # ResNet-18 at batch 256 takes tens of seconds per step on 2 CPU cores.
             "resnet": {"batch_size": 16, "rounds": 3},
@@ -668,7 +686,7 @@ def sizes(quick: bool) -> dict[str, Any]:
         }
     return {
         **common,
-        "rounds": 10,
+        "rounds": 20,
         "methods": ("simclr", "dcl", "clip", "sogclr", "emc2", "embedding_cache", "exact"),
         "resnet": {"batch_size": 256, "rounds": 2},
         "batch_sizes": (32, 64, 128, 512, 1024),

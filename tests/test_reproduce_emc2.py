@@ -84,7 +84,13 @@ def _read(out_dir):
 @pytest.mark.slow
 def test_gradnorm_reduced(tmp_path):
     budget = emc2_targets.GradnormBudget(
-        num_steps=2, eval_every=2, num_draws=2, long_steps=0, methods=("simclr",), probe=False
+        num_steps=2,
+        eval_every=2,
+        num_draws=2,
+        extra_seeds=(),
+        long_steps=0,
+        methods=("simclr",),
+        probe=False,
     )
     returned = emc2_targets.run_gradnorm(tmp_path, quick=True, budget=budget)
     results = _read(tmp_path)
@@ -94,6 +100,9 @@ def test_gradnorm_reduced(tmp_path):
     assert all(np.isfinite(curve["grad_norm_sq"])) and min(curve["grad_norm_sq"]) > 0
     assert results["final_grad_norm_sq"]["simclr"] == curve["grad_norm_sq"][-1]
     assert results["final_global_loss"]["simclr"] == curve["global_loss"][-1]
+    spread = results["methods"]["simclr"]["over_seeds"]
+    assert spread["seeds"] == [0]
+    assert spread["final_grad_norm_sq"]["values"] == [curve["grad_norm_sq"][-1]]
     estimator = results["methods"]["simclr"]["estimator_at_final"]
     assert estimator["num_draws"] == 2 and estimator["variance"] >= 0
     assert results["paper_final_grad_norm_sq"]["simclr"] == 11.3
