@@ -250,9 +250,10 @@ def markdown(report: dict[str, Any]) -> str:
     notes = []
     if "emc2_over_simclr_step_time_wall" in report:
         notes.append(
-            "EMC²/SimCLR and the sampler fraction compare two XLA programs: the targets are "
-            "judged on their CPU-time medians (the work; on a shared machine wall-clock time "
-            "also counts waiting for a core). Wall-clock medians: EMC²/SimCLR "
+            "Ratios are medians over rounds of per-round ratios (each round times every "
+            "program in turn). EMC²/SimCLR, the sampler fraction and the dataset scaling "
+            "compare XLA programs: judged on CPU time (the work; on a shared machine "
+            "wall-clock time also counts waiting for a core). By wall clock: EMC²/SimCLR "
             + ", ".join(
                 f"{k} {v:.3f}" for k, v in report["emc2_over_simclr_step_time_wall"].items()
             )
@@ -261,7 +262,7 @@ def markdown(report: dict[str, Any]) -> str:
     if "mh_sweep_speedup_vs_numpy_loop_cpu" in report:
         notes.append(
             "The MH sweep speedup compares XLA (which may use both cores) with single-threaded "
-            "NumPy: judged on wall-clock medians; by CPU time it is "
+            "NumPy: judged on wall clock; by CPU time it is "
             f"{report['mh_sweep_speedup_vs_numpy_loop_cpu']:.2f}."
         )
     out += [" ".join(notes), ""] if notes else []

@@ -936,7 +936,7 @@ class SmallBatchBudget:
 
     batch_sizes: tuple[int, ...] = (8, 32, 128)
     seeds: tuple[int, ...] = (0, 1, 2)
-    num_epochs: int = 10
+    num_epochs: int = 20
     max_steps: int = 0
     methods: tuple[str, ...] = METHODS
 
@@ -1062,7 +1062,7 @@ def _small_batch_figures(out_dir: pathlib.Path, results: dict[str, Any]) -> None
     axes[0].legend(fontsize=8)
     report.save_figure(fig, out_dir, "small_batch_accuracy")
 
-    fig, ax = report.new_figure(figsize=(6.5, 4))
+    fig, ax = report.new_figure(figsize=(8.5, 4))
     markers = {8: "o", 32: "s", 128: "^"}
     for i, (method, by_batch) in enumerate(summary.items()):
         for b, row in by_batch.items():
@@ -1077,7 +1077,7 @@ def _small_batch_figures(out_dir: pathlib.Path, results: dict[str, Any]) -> None
             )
     ax.set(xscale="log", xlabel="training wall time (s, this machine)", ylabel="linear probe")
     ax.set_title("accuracy vs wall time")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     report.save_figure(fig, out_dir, "small_batch_wall_time")
 
 
