@@ -18,7 +18,10 @@ alone (uniform labels, Gaussian noise for x and x+, threefry on CPU) against
 the vmapped sweep: the streamed-data setting draws 2 * batch * d Gaussians per
 step and seed, and on this CPU that, not per-call overhead, bounds the sweep
 (XLA already runs one seed's ``lax.scan`` at ~20 us per step, so a loop over
-seeds has little overhead for vmap to remove).
+seeds has little overhead for vmap to remove). ``speedup_bound`` makes that a
+number: loop time over the time the sweep's random numbers alone take at the
+best rate this machine draws them (:func:`draw_cost_ns`, one flat jitted
+draw), i.e. the speedup a sweep with *free* arithmetic would reach.
 
 Run: ``python benchmarks/bench_gmm.py [--quick] [--out DIR]``.
 ``EMC2JAX_BENCH_TINY=1`` shrinks it to a smoke test (figures meaningless).
@@ -44,6 +47,7 @@ from benchmarks.common import block, machine_info, save_json, time_call  # noqa:
 from emc2jax import gmm  # noqa: E402
 
 SEEDS = 64
+DIM = 20
 BATCHES = (16, 64, 128)  # 128: the batch of the gmm_* targets' --quick runs
 HEADLINE_BATCH = 128
 
@@ -52,14 +56,14 @@ def training(key: jax.Array, *, steps: int, batch: int) -> dict[str, jax.Array]:
     """One seed: mixture from the key, InfoNCE training; the final encoder and loss."""
     k_mix, k_train = jax.random.split(key)
     mixture = gmm.anisotropic_mixture(
-        k_mix, dim=20, num_components=4, num_noise_directions=5, noise_variance=25.0
+        k_mix, dim=DIM, num_components=4, num_noise_directions=5, noise_variance=25.0
     )
     pairs = functools.partial(gmm.sample_pairs, mixture=mixture, n=batch)
     result = gmm.train_infonce(k_train, pairs, rank=3, steps=steps)
     return {"encoder": result.params["encoder"], "final_loss": result.loss[-1]}
 
 
-def draws_only(key: jax.Array, *, steps: int, batch: int, dim: int = 20) -> jax.Array:
+def draws_only(key: jax.Array, *, steps: int, batch: int, dim: int = DIM) -> jax.Array:
     """The random numbers one training draws (uniforms and normals), and nothing else."""
 
     def body(total, t):
@@ -69,6 +73,22 @@ def draws_only(key: jax.Array, *, steps: int, batch: int, dim: int = 20) -> jax.
         return total + jnp.sum(u) + jnp.sum(eps), None
 
     return jax.lax.scan(body, jnp.float32(0), jnp.arange(steps))[0]
+
+
+def draw_cost_ns(*, impl: str | None = None, count: int = 1 << 18) -> dict[str, float]:
+    """Nanoseconds per float32 of ``jax.random.normal`` / ``uniform`` in one big jitted call.
+
+    The cheapest the random numbers of a training can be on this machine: one
+    flat draw, no keys to fold, no scan. It bounds any implementation of the
+    streamed-data sweep from below (see :func:`measure`'s ``speedup_bound``).
+    """
+    key = jax.random.key(0, impl=impl)
+    normal = jax.jit(lambda k: jax.random.normal(k, (count,)))
+    uniform = jax.jit(lambda k: jax.random.uniform(k, (count,)))
+    return {
+        "normal_ns": 1e9 * time_call(lambda: normal(key), repeats=9)["min_s"] / count,
+        "uniform_ns": 1e9 * time_call(lambda: uniform(key), repeats=9)["min_s"] / count,
+    }
 
 
 def _compile(fn, *args) -> tuple[Any, float]:
@@ -93,6 +113,16 @@ def measure(
     loop_t = time_call(loop, repeats=repeats)
     vmap_t = time_call(lambda: vmapped(keys), repeats=repeats)
     draws_t = time_call(lambda: draws(keys), repeats=repeats)
+    # The floor: a vmapped sweep must at least draw its random numbers
+    # (2 * batch * d normals and 3 * batch uniforms per seed and step), so
+    # loop time / that floor bounds the speedup any implementation can reach.
+    cost = draw_cost_ns(impl=impl)
+    floor_s = (
+        seeds
+        * steps
+        * 1e-9
+        * (2 * batch * DIM * cost["normal_ns"] + 3 * batch * cost["uniform_ns"])
+    )
     looped = block(loop())
     swept = block(vmapped(keys))
     max_abs_diff = max(
@@ -111,6 +141,9 @@ def measure(
         "compile_vmapped_s": compile_vmapped_s,
         # Share of the vmapped sweep spent drawing its random numbers (threefry on CPU).
         "random_draws_share_of_vmapped": draws_t["median_s"] / vmap_t["median_s"],
+        "draw_cost_ns": cost,
+        "random_draws_floor_s": floor_s,
+        "speedup_bound": loop_t["median_s"] / floor_s,
         "max_abs_diff": max_abs_diff,
     }
 
@@ -129,6 +162,7 @@ def run(quick: bool) -> dict[str, Any]:
         "speedup_including_compile": headline["speedup_including_compile"],
         "headline_batch": headline["batch"],
         "random_draws_share_of_vmapped": headline["random_draws_share_of_vmapped"],
+        "speedup_bound": headline["speedup_bound"],
         "seeds": seeds,
         "steps": steps,
         "repeats": repeats,
@@ -152,7 +186,8 @@ def main() -> None:
             f"{row['speedup']:.1f}x (with compile {row['speedup_including_compile']:.1f}x; "
             f"compile single {row['compile_single_s']:.1f} s, vmapped "
             f"{row['compile_vmapped_s']:.1f} s; random draws "
-            f"{100 * row['random_draws_share_of_vmapped']:.0f}% of vmapped; "
+            f"{100 * row['random_draws_share_of_vmapped']:.0f}% of vmapped, bound "
+            f"{row['speedup_bound']:.1f}x; "
             f"max |diff| {row['max_abs_diff']:.1e})"
         )
     print(

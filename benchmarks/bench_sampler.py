@@ -18,9 +18,10 @@ once per view on the same chain).
 The headline figure is ``mh_sweep_speedup_vs_numpy_loop`` at B = 256 (target
 >= 3 on a 2-core CPU). ``sweep_share_of_train_step`` divides the jitted sweep's
 time by a full EMC² training step's (digits ConvNet, B = 256, timed by
-``benchmarks/bench_train_step.py``); the suite's headline share
-(``sampler_fraction_of_emc2_step``) is measured inside the step instead, against
-a step whose sampler is stubbed out. ``sweep_options`` times the sweep's
+``benchmarks/bench_train_step.py``): the suite's ``sampler_fraction_of_emc2_step``.
+``bench_train_step`` cross-checks it inside the fused step, against a step
+whose sampler is stubbed out (a difference of two close timings, so noisier).
+``sweep_options`` times the sweep's
 ``unroll`` and ``chunk_size`` settings side by side (the defaults, 1 and 256 on
 CPU, come from it).
 

@@ -2,11 +2,11 @@
 
 Each figure comes from compiled data-parallel steps (``emc2jax.train.make_train_step``
 driven by ``emc2jax.parallel.data_parallel``, state donated) on synthetic uint8
-images and an on-device image table, built exactly as ``train_and_evaluate``
-builds them (:func:`build_runner`). Steps that are compared are timed side by
-side in alternating blocks of warm calls (:func:`compare`), so drift in the
-machine's load hits them alike; compile time (the first call) is reported
-separately.
+images and an on-device image table, built as ``train_and_evaluate`` builds
+them (:func:`build_runner`). Steps that are compared are timed side by side in
+rounds (:func:`compare`) and ratios are medians of per-round ratios
+(:func:`_ratio`), so drift in the machine's load hits both sides alike;
+compile time (the first call) is reported separately.
 
 Figures (:func:`run`):
 
@@ -14,17 +14,25 @@ Figures (:func:`run`):
   batch and device, for the digits ConvNet (8x8x1) and ResNet-18 at 32x32x3.
   EMC² encodes 3B images per step (both views plus each chain's carried-over
   negative) against SimCLR's 2B, so 1.5 is the floor of the encoder's share.
-- ``sampler_fraction_of_emc2_step``: ``1 - stub / full``, where ``stub`` is the
+- ``sampler_fraction_by_stub`` (the suite's cross-check of
+  ``sampler_fraction_of_emc2_step``): ``1 - stub / full``, where ``stub`` is the
   same EMC² step with the sampler (uniform draws, the MH sweep, the visit
   weights, the chain-table scatter, the diagnostics) replaced by
   :func:`stub_emc2_step`, which returns the same shapes from a few elementwise
   ops. Everything else (the carried-over negatives' gather and extra forward
   pass, the scores, the surrogate) is left in both.
-- ``per_method``: steps and examples per second of every method.
-- ``batch_scaling`` / ``dataset_scaling``: EMC² step time against B and m.
+- ``steps_per_second`` / ``examples_per_second`` of each method.
+- ``batch_scaling`` / ``dataset_scaling``: step time against B and m.
 - ``sampler_state_bytes_per_million``: bytes of each sampler's state for
   m = 10^6, from the array shapes, and the resident memory measured when the
   state is created.
+- ``accelerator`` (on a GPU/TPU only): the STL-10 setting, ResNet-18 at 96x96
+  in bfloat16, batch 256.
+
+The headline ratios are CPU-time ratios (the work of two XLA programs, which
+on a shared machine is steadier than wall-clock time); ``*_wall`` keys hold
+the wall-clock ratios. ``EMC2JAX_BENCH_TINY=1`` shrinks everything to a
+smoke test.
 
 Run: ``python benchmarks/bench_train_step.py [--quick] [--out DIR]``.
 """
@@ -56,33 +64,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import block, machine_info, save_json  # noqa: E402
 from emc2jax import config as config_lib  # noqa: E402
-from emc2jax import methods, optim, parallel, train  # noqa: E402
+from emc2jax import methods, parallel, train  # noqa: E402
 from emc2jax.samplers import emc2  # noqa: E402
-
-# Model settings: (config recipe, image shape, a word for the tables).
-MODELS: dict[str, tuple[Callable[[str], ml_collections.ConfigDict], tuple[int, ...], str]] = {
-    "digits_convnet": (config_lib.digits_config, (8, 8, 1), "digits ConvNet, 8x8x1"),
-    "resnet18_32": (
-        lambda method: _resnet18_32(method),
-        (32, 32, 3),
-        "ResNet-18 (CIFAR stem, no norm), 32x32x3",
-    ),
-    # A small MLP on 8x8 digits: the encoder costs little, so any growth of the
-    # step with the dataset size m (an O(m) copy of a table) would show.
-    "digits_mlp": (
-        lambda method: _digits_mlp(method),
-        (8, 8, 1),
-        "MLP 64-256-256, 8x8x1, no augmentation",
-    ),
-    # The STL-10 setting on an accelerator: bfloat16 compute, 96x96 images.
-    "resnet18_96_bf16": (
-        lambda method: _resnet18_96_bf16(method),
-        (96, 96, 3),
-        "ResNet-18 (CIFAR stem, no norm), 96x96x3, bfloat16",
-    ),
-    # Smoke-test size (tests/test_benchmarks.py): compiles in seconds.
-    "tiny_mlp": (lambda method: _tiny_mlp(method), (8, 8, 1), "MLP 64-16, no augmentation"),
-}
 
 # The digits training split has 1797 examples.
 DIGITS_EXAMPLES = 1797
@@ -118,6 +101,24 @@ def _tiny_mlp(method: str) -> ml_collections.ConfigDict:
     c.model.embedding_dim = 8
     c.dataset.augmentation = "identity"
     return c
+
+
+# Model settings: (config recipe, image shape, a word for the tables).
+MODELS: dict[str, tuple[Callable[[str], ml_collections.ConfigDict], tuple[int, ...], str]] = {
+    "digits_convnet": (config_lib.digits_config, (8, 8, 1), "digits ConvNet, 8x8x1"),
+    "resnet18_32": (_resnet18_32, (32, 32, 3), "ResNet-18 (CIFAR stem, no norm), 32x32x3"),
+    # A small MLP on 8x8 digits: the encoder costs little, so any growth of the
+    # step with the dataset size m (an O(m) copy of a table) would show.
+    "digits_mlp": (_digits_mlp, (8, 8, 1), "MLP 64-256-256, 8x8x1, no augmentation"),
+    # The STL-10 setting on an accelerator: bfloat16 compute, 96x96 images.
+    "resnet18_96_bf16": (
+        _resnet18_96_bf16,
+        (96, 96, 3),
+        "ResNet-18 (CIFAR stem, no norm), 96x96x3, bfloat16",
+    ),
+    # Smoke-test size (tests/test_benchmarks.py): compiles in seconds.
+    "tiny_mlp": (_tiny_mlp, (8, 8, 1), "MLP 64-16, no augmentation"),
+}
 
 
 def bench_config(method: str, model: str, batch_size: int) -> ml_collections.ConfigDict:
@@ -272,7 +273,7 @@ def build_runner(
       num_batches: distinct batches cycled through (distinct random examples
         each, so the chains of many examples fill up).
       sampler_stub: EMC² only: compile the step with :func:`stub_emc2_step`.
-      config: overrides :func:`bench_config` (its batch size wins).
+      config: replaces :func:`bench_config` (its ``batch_size`` must be ``batch_size``).
       seed: of the synthetic data.
 
     Returns:
@@ -283,34 +284,21 @@ def build_runner(
     if batch_size > num_examples:
         raise ValueError(f"batch_size={batch_size} exceeds num_examples={num_examples}")
     config = bench_config(method, model, batch_size) if config is None else config
+    if config.batch_size != batch_size or config.method != method:
+        raise ValueError(
+            f"config has method={config.method!r}, batch_size={config.batch_size}; "
+            f"expected {method!r}, {batch_size}"
+        )
     image_shape = MODELS[model][1]
     mesh = parallel.make_data_mesh(num_devices)
     config_lib.validate_config(config, num_devices=num_devices)
 
-    net, params, model_state = train.build_model(config, image_shape)
-    optimizer, schedule = optim.make_optimizer(config.optimizer, total_steps=config.total_steps)
-    state = train.create_state(
-        config,
-        model=net,
-        params=params,
-        model_state=model_state,
-        optimizer=optimizer,
-        num_examples=num_examples,
-        image_shape=image_shape,
-    )
-    per_device_step = train.make_train_step(
-        config,
-        model=net,
-        optimizer=optimizer,
-        schedule=schedule,
-        augment_config=train.augmentation_config(config, image_shape),
-        num_examples=num_examples,
-    )
+    trainer = train.build_trainer(config, image_shape=image_shape, num_examples=num_examples)
     trace_count = [0]
 
     def counted_step(*args):
         trace_count[0] += 1
-        return per_device_step(*args)
+        return trainer.train_step(*args)
 
     step = parallel.data_parallel(
         counted_step, mesh=mesh, backend=config.parallel_backend, num_replicated_args=1
@@ -331,7 +319,7 @@ def build_runner(
         config=config,
         num_examples=num_examples,
         step=step,
-        state=parallel.replicate(state, mesh),
+        state=parallel.replicate(trainer.state, mesh),
         batches=batches,
         table=table,
         trace_count=trace_count,
@@ -732,8 +720,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     # waited for a core on a shared machine. The wall-clock medians: *_wall.
     result["emc2_over_simclr_step_time"] = {k: v["cpu"] for k, v in ratios.items()}
     result["emc2_over_simclr_step_time_wall"] = {k: v["median"] for k, v in ratios.items()}
-    result["sampler_fraction_of_emc2_step"] = digits["sampler_fraction"]["cpu"]
-    result["sampler_fraction_of_emc2_step_wall"] = digits["sampler_fraction"]["median"]
+    result["sampler_fraction_by_stub"] = digits["sampler_fraction"]["cpu"]
+    result["sampler_fraction_by_stub_wall"] = digits["sampler_fraction"]["median"]
     result["steps_per_second"] = {
         m: {name: t["steps_per_second"] for name, t in rows.items()}
         for m, rows in throughput.items()
@@ -793,8 +781,8 @@ def main() -> None:
     for key in (
         "emc2_over_simclr_step_time",
         "emc2_over_simclr_step_time_wall",
-        "sampler_fraction_of_emc2_step",
-        "sampler_fraction_of_emc2_step_wall",
+        "sampler_fraction_by_stub",
+        "sampler_fraction_by_stub_wall",
         "steps_per_second",
         "sampler_state_bytes_per_million",
     ):

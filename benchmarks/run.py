@@ -68,11 +68,13 @@ TARGETS = (
     ),
     Target(
         "sampler_fraction_of_emc2_step",
-        "train_step",
-        lambda r: r["sampler_fraction_of_emc2_step"],
+        "sampler",
+        lambda r: r["sweep_share_of_train_step"],
         0.05,
         True,
-        "1 - (EMC² step with the sampler stubbed) / (EMC² step), digits ConvNet, B = 256; CPU time",
+        "the jitted sampler step (MH sweep, visit weights, chain write-back) alone / the full "
+        "EMC² training step, digits ConvNet, B = 256; wall clock (cross-check with a stubbed "
+        "sampler: see the note below)",
     ),
     Target(
         "emc2_over_simclr_step_time/digits_convnet",
@@ -157,8 +159,6 @@ def _headline(report: dict[str, Any], quick: bool) -> None:
     for key in (
         "emc2_over_simclr_step_time",
         "emc2_over_simclr_step_time_wall",
-        "sampler_fraction_of_emc2_step",
-        "sampler_fraction_of_emc2_step_wall",
         "steps_per_second",
         "examples_per_second",
         "batch_sizes_of_throughput",
@@ -168,7 +168,13 @@ def _headline(report: dict[str, Any], quick: bool) -> None:
     ):
         if key in train:
             report[key] = train[key]
+    # 1 - stub / full: the sampler's cost inside the fused step, but a
+    # difference of two close timings, so within the machine's noise.
+    for key in ("sampler_fraction_by_stub", "sampler_fraction_by_stub_wall"):
+        if key in train:
+            report[key] = train[key]
     if "sampler" in results:
+        report["sampler_fraction_of_emc2_step"] = results["sampler"]["sweep_share_of_train_step"]
         report["mh_sweep_speedup_vs_numpy_loop"] = results["sampler"][
             "mh_sweep_speedup_vs_numpy_loop"
         ]
@@ -257,7 +263,15 @@ def markdown(report: dict[str, Any]) -> str:
             + ", ".join(
                 f"{k} {v:.3f}" for k, v in report["emc2_over_simclr_step_time_wall"].items()
             )
-            + f"; sampler fraction {report['sampler_fraction_of_emc2_step_wall']:.3f}."
+            + "."
+        )
+    if "sampler_fraction_by_stub" in report:
+        notes.append(
+            "Sampler fraction cross-check, 1 - (EMC² step with the sampler stubbed) / (EMC² "
+            f"step): {report['sampler_fraction_by_stub']:.3f} by CPU time, "
+            f"{report['sampler_fraction_by_stub_wall']:.3f} by wall clock (a difference of "
+            "two close timings: within the machine's noise, which is why the target reads the "
+            "direct measurement)."
         )
     if "mh_sweep_speedup_vs_numpy_loop_cpu" in report:
         notes.append(

@@ -9,30 +9,17 @@ Expected: a linear probe in the high 0.8s after 500 epochs (SimCLR-style
 ResNet-18 results at batch 256 are 0.88-0.91); not yet measured by us.
 """
 
-from emc2jax.config import base_config
+from emc2jax.config import resnet_config
 
 
 def get_config(arg=None):
     del arg
-    c = base_config()
-    c.method = "emc2"
-    c.batch_size = 256
-    c.total_steps = 500 * 50_000 // 256
+    c = resnet_config(
+        "emc2", dataset="cifar10", num_train_images=50_000, epochs=500, batch_size=256
+    )
     c.temperature = 0.2
     c.log_every_steps = 200
-    c.checkpoint_every_steps = 5_000
-    c.dataset.name = "cifar10"
-    c.dataset.train_split = "train"
-    c.dataset.eval_train_split = "train"
-    c.dataset.eval_test_split = "test"
-    c.dataset.augmentation = "simclr"
-    c.dataset.worker_count = 4
-    c.model.name = "resnet18"
-    c.model.stem = "cifar"
     c.model.norm = "batch"
-    c.model.width = 64
-    c.model.head_hidden_dims = (512,)
-    c.model.embedding_dim = 128
     c.optimizer.name = "adamw"
     c.optimizer.learning_rate = 1e-3
     c.optimizer.weight_decay = 1e-6

@@ -30,33 +30,26 @@ the host each step (one small device-to-host read of the chain states per
 step, which serialises the loop a little). SimCLR and SogCLR need neither.
 """
 
-from emc2jax.config import base_config
+from emc2jax.config import resnet_config
 
 NUM_TRAIN_IMAGES = 126_689  # ImageNet-100 train split (CMC's count; <= 1300 per class)
 
 
 def get_config(arg=None):
     epochs = int(arg) if arg else 200
-    c = base_config()
-    c.method = "emc2"
-    c.batch_size = 256
-    c.total_steps = epochs * NUM_TRAIN_IMAGES // 256
-    c.temperature = 1 / 14.28
-    c.log_every_steps = 500
-    c.checkpoint_every_steps = 5_000
-    c.dataset.name = "imagenet100"
-    c.dataset.train_split = "train"
-    c.dataset.eval_train_split = "train"
+    c = resnet_config(
+        "emc2",
+        dataset="imagenet100",
+        num_train_images=NUM_TRAIN_IMAGES,
+        epochs=epochs,
+        batch_size=256,
+    )
     c.dataset.eval_test_split = "validation"
-    c.dataset.augmentation = "simclr"
     c.dataset.image_size = 224
     c.dataset.worker_count = 8  # JPEG decoding and resizing on the host
     c.model.name = "resnet50"
     c.model.stem = "imagenet"
-    c.model.norm = "none"
-    c.model.width = 64  # 2048 features
-    c.model.head_hidden_dims = (2048,)
-    c.model.embedding_dim = 128
+    c.model.head_hidden_dims = (2048,)  # width 64: 2048 features
     c.optimizer.name = "lars"
     c.optimizer.learning_rate = 1.2
     c.optimizer.momentum = 0.9
@@ -67,6 +60,4 @@ def get_config(arg=None):
     c.sampler.burn_in = 0.5
     c.sampler.refresh_score = False
     c.sampler.carried_images = "host"  # 19 GB of images would not fit every device
-    c.eval.batch_size = 256
-    c.eval.knn_ks = (200, 10, 1)
     return c

@@ -1,7 +1,8 @@
 """The config schema: shared defaults of every training config, and their validation.
 
-A config file in configs/ imports :func:`base_config` and overrides what
-differs. The keys are documented in README.md ("Config keys");
+A config file in configs/ starts from :func:`base_config` or one of the recipes
+below (:func:`digits_config`, :func:`resnet_config`, :func:`stl10_config`) and
+overrides what differs. The keys are documented in README.md ("Config keys");
 :func:`validate_config` checks them before anything is compiled.
 """
 
@@ -237,28 +238,35 @@ def digits_config(method: str) -> ml_collections.ConfigDict:
     return c
 
 
-def stl10_config(method: str) -> ml_collections.ConfigDict:
-    """The EMC² paper's STL-10 setting (Yau et al. 2024, section 5).
+def resnet_config(
+    method: str,
+    *,
+    dataset: str,
+    num_train_images: int,
+    epochs: int,
+    batch_size: int,
+    train_split: str = "train",
+) -> ml_collections.ConfigDict:
+    """The EMC² paper's ResNet-18 recipe on a TFDS image dataset (Yau et al. 2024, section 5).
 
-    ResNet-18 (CIFAR stem: 3x3 conv, no max-pool) without batch norm, Adam
-    1e-4, beta = 14.28 (temperature 0.07), batch 32, 100 epochs of the 100k
-    ``unlabelled`` images at 96x96 with the paper's augmentation; linear probe
-    on ``train``, scored on ``test``.
+    ResNet-18 (CIFAR stem: 3x3 conv, no max-pool) without batch norm, a
+    512-wide one-hidden-layer head to 128 dims, Adam 1e-4 at a constant rate,
+    beta = 14.28 (temperature 0.07), SimCLR augmentation; ``epochs`` passes over
+    the ``num_train_images`` of ``train_split`` at ``batch_size``; linear probe
+    fit on ``train``, scored on ``test``. :func:`stl10_config`,
+    configs/cifar10_emc2.py and configs/imagenet100_emc2.py override what differs.
     """
     c = base_config()
     c.method = method
-    c.batch_size = 32
-    c.total_steps = 100 * 100_000 // 32  # 100 epochs
+    c.batch_size = batch_size
+    c.total_steps = epochs * num_train_images // batch_size
     c.temperature = 1 / 14.28
     c.log_every_steps = 500
-    c.checkpoint_every_steps = 10_000
-    c.eval_every_steps = 0
-    c.dataset.name = "stl10"
-    c.dataset.train_split = "unlabelled"
-    c.dataset.eval_train_split = "train"
-    c.dataset.eval_test_split = "test"
-    c.dataset.augmentation = "stl10"
-    c.dataset.worker_count = 4
+    c.checkpoint_every_steps = 5_000
+    c.dataset.name = dataset
+    c.dataset.train_split = train_split
+    c.dataset.augmentation = "simclr"
+    c.dataset.worker_count = 4  # image decoding and cropping on the host
     c.model.name = "resnet18"
     c.model.stem = "cifar"
     c.model.norm = "none"
@@ -269,5 +277,23 @@ def stl10_config(method: str) -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-4
     c.optimizer.schedule = "constant"
     c.eval.batch_size = 256
-    c.eval.knn_ks = (200, 10, 1)
+    return c
+
+
+def stl10_config(method: str) -> ml_collections.ConfigDict:
+    """The EMC² paper's STL-10 setting: :func:`resnet_config` at batch 32 for 100 epochs.
+
+    The 100k ``unlabelled`` images at 96x96 with the paper's augmentation;
+    linear probe on ``train``, scored on ``test``.
+    """
+    c = resnet_config(
+        method,
+        dataset="stl10",
+        train_split="unlabelled",
+        num_train_images=100_000,
+        epochs=100,
+        batch_size=32,
+    )
+    c.checkpoint_every_steps = 10_000
+    c.dataset.augmentation = "stl10"
     return c

@@ -9,6 +9,8 @@ so a restored state continues bit-identically.
 The per-device step (:func:`make_train_step`) is written with named-axis
 collectives over ``"data"``; :mod:`emc2jax.parallel` drives it with
 ``jax.jit(jax.shard_map(...))`` (default) or ``jax.pmap``.
+:func:`build_trainer` assembles a config's model, optimizer, initial state and
+step in one call: what the loop, the benchmarks and the tests drive.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class TrainState(NamedTuple):
     opt_state: PyTree
     model_state: PyTree
     sampler_state: PyTree
+
+
+# step(state, batch, table) -> (state, metrics), on one device (see make_train_step).
+TrainStep = Callable[[TrainState, dict[str, Array], Array | None], tuple[TrainState, Metrics]]
 
 
 class NonFiniteError(FloatingPointError):
@@ -123,7 +129,7 @@ def make_train_step(
     augment_config: Any,
     num_examples: int,
     axis_name: str = parallel.DATA_AXIS,
-) -> Callable[[TrainState, dict[str, Array], Array | None], tuple[TrainState, Metrics]]:
+) -> TrainStep:
     """Builds the per-device step ``step(state, batch, table) -> (state, metrics)``.
 
     ``batch`` holds this device's ``"image"`` (b, ...) and ``"index"`` (b,);
@@ -250,6 +256,60 @@ def create_state(
         model_state=model_state,
         sampler_state=method.init_sampler(num_examples, config.sampler, dim),
     )
+
+
+class Trainer(NamedTuple):
+    """A config's training pieces, built once (:func:`build_trainer`); nothing placed on devices.
+
+    Attributes:
+      model: the functional model, ``apply(params, model_state, x, train=...)``
+        on (b, *image_shape) images; evaluation and restored states use it too.
+      optimizer: the configured optax transformation.
+      schedule: step -> () learning rate; only logged (the optimizer has its own).
+      state: the step-0 :class:`TrainState`, on the host and unreplicated; it is
+        also the ``abstract_state`` a checkpoint is restored into.
+      train_step: the per-device step ``(state, batch, table) -> (state, metrics)``
+        of :func:`make_train_step`, for :func:`emc2jax.parallel.data_parallel`.
+    """
+
+    model: models.FunctionalModel
+    optimizer: optax.GradientTransformation
+    schedule: Callable[[Array], Array]
+    state: TrainState
+    train_step: TrainStep
+
+
+def build_trainer(
+    config: ml_collections.ConfigDict, *, image_shape: tuple[int, ...], num_examples: int
+) -> Trainer:
+    """The model, optimizer, initial state and per-device step that ``config`` describes.
+
+    What :func:`train_and_evaluate` trains, for loops and benchmarks of their
+    own. ``image_shape`` is one example's (h, w, c) as stored (uint8);
+    ``num_examples`` is m, the training-set size the samplers' per-example
+    state is sized by. Builds closures and initial arrays only: nothing is
+    compiled until the step is driven (:func:`emc2jax.parallel.data_parallel`).
+    """
+    model, params, model_state = build_model(config, image_shape)
+    optimizer, schedule = optim.make_optimizer(config.optimizer, total_steps=config.total_steps)
+    state = create_state(
+        config,
+        model=model,
+        params=params,
+        model_state=model_state,
+        optimizer=optimizer,
+        num_examples=num_examples,
+        image_shape=image_shape,
+    )
+    train_step = make_train_step(
+        config,
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        augment_config=augmentation_config(config, image_shape),
+        num_examples=num_examples,
+    )
+    return Trainer(model, optimizer, schedule, state, train_step)
 
 
 # ---------------------------------------------------------------------------
@@ -424,17 +484,8 @@ def train_and_evaluate(
         table = pipeline.to_device_array(source, key="image")
     image_shape = tuple(np.asarray(source[0]["image"]).shape)
 
-    model, params, model_state = build_model(config, image_shape)
-    optimizer, schedule = optim.make_optimizer(config.optimizer, total_steps=config.total_steps)
-    state = create_state(
-        config,
-        model=model,
-        params=params,
-        model_state=model_state,
-        optimizer=optimizer,
-        num_examples=num_examples,
-        image_shape=image_shape,
-    )
+    trainer = build_trainer(config, image_shape=image_shape, num_examples=num_examples)
+    model, state = trainer.model, trainer.state
     dataset = pipeline.make_dataset(
         source,
         global_batch_size=config.batch_size,
@@ -455,16 +506,8 @@ def train_and_evaluate(
             iterator.set_state(restored.data_iterator_state)
     start_step = int(state.step)
 
-    per_device_step = make_train_step(
-        config,
-        model=model,
-        optimizer=optimizer,
-        schedule=schedule,
-        augment_config=augmentation_config(config, image_shape),
-        num_examples=num_examples,
-    )
     train_step = parallel.data_parallel(
-        per_device_step, mesh=mesh, backend=config.parallel_backend, num_replicated_args=1
+        trainer.train_step, mesh=mesh, backend=config.parallel_backend, num_replicated_args=1
     )
     state = parallel.replicate(state, mesh)
     if table is not None:

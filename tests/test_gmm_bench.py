@@ -20,7 +20,14 @@ def test_bench_gmm_tiny(monkeypatch):
     assert result["gmm_vmap_speedup_vs_loop"] > 0
     assert result["seeds"] == 4 and len(result["rows"]) == 1
     row = result["rows"][0]
-    for key in ("loop_s", "vmapped_s", "compile_single_s", "compile_vmapped_s"):
+    for key in ("loop_s", "vmapped_s", "compile_single_s", "compile_vmapped_s", "speedup_bound"):
         assert row[key] > 0
+    # The floor counts 2 * batch * d normals and 3 * batch uniforms per seed and step.
+    cost = row["draw_cost_ns"]
+    per_step_ns = 2 * row["batch"] * bench_gmm.DIM * cost["normal_ns"]
+    per_step_ns += 3 * row["batch"] * cost["uniform_ns"]
+    expected = result["seeds"] * result["steps"] * per_step_ns * 1e-9
+    assert row["random_draws_floor_s"] == pytest.approx(expected)
+    assert row["speedup_bound"] == pytest.approx(row["loop_s"] / expected)
     # The vmapped sweep computes the same trainings as the loop.
     assert row["max_abs_diff"] < 1e-4

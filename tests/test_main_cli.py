@@ -109,8 +109,8 @@ def test_checkpoint_of_another_config_is_refused_before_compiling(tmp_path, data
     other = digits_config(data_dir, **{"model.width": 8, "dataset.train_split": "train[:128]"})
     with checkpoint.Checkpointer(tmp_path / "checkpoints") as ckpt:
         ckpt.save(2, state={"step": np.int32(2)}, config=other)
-    # Building the model jits its initialiser, so only the step is guarded here.
-    monkeypatch.setattr(train, "make_train_step", _fail)
+    # Building the model jits its initialiser, and the step is built with it
+    # (train.build_trainer, closures only), so only compiling the step is guarded here.
     monkeypatch.setattr(parallel, "data_parallel", _fail)
     with pytest.raises(checkpoint.IncompatibleCheckpointError) as error:
         train.train_and_evaluate(digits_config(data_dir, checkpoint_every_steps=2), tmp_path)

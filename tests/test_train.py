@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from emc2jax import config as config_lib
-from emc2jax import methods, optim, parallel, train
+from emc2jax import methods, parallel, train
 from emc2jax.data import pipeline, sources
 
 BATCH = 16
@@ -99,39 +99,23 @@ class Runs:
         mesh = parallel.make_data_mesh(num_devices)
         config_lib.validate_config(config, num_devices=num_devices)
         image_shape = tuple(self.batches[0]["image"].shape[1:])
-        model, params, model_state = train.build_model(config, image_shape)
-        optimizer, schedule = optim.make_optimizer(config.optimizer, total_steps=config.total_steps)
-        state = train.create_state(
-            config,
-            model=model,
-            params=params,
-            model_state=model_state,
-            optimizer=optimizer,
-            num_examples=len(self.source),
-            image_shape=image_shape,
-        )
-        per_device_step = train.make_train_step(
-            config,
-            model=model,
-            optimizer=optimizer,
-            schedule=schedule,
-            augment_config=train.augmentation_config(config, image_shape),
-            num_examples=len(self.source),
+        trainer = train.build_trainer(
+            config, image_shape=image_shape, num_examples=len(self.source)
         )
         # The wrapper's trace counter is keyed by where it is applied (here),
         # so it is shared by every run of this module: reset it per run.
         chex.clear_trace_counter()
         step = parallel.data_parallel(
-            chex.assert_max_traces(per_device_step, n=1),
+            chex.assert_max_traces(trainer.train_step, n=1),
             mesh=mesh,
             backend=backend,
             num_replicated_args=1,
         )
-        initial = jax.device_get(state)  # before donation invalidates it
+        initial = jax.device_get(trainer.state)  # before donation invalidates it
         table = self.table if methods.METHODS[config.method].needs_table else None
         if table is not None:
             table = parallel.replicate(table, mesh)
-        state = parallel.replicate(state, mesh)
+        state = parallel.replicate(trainer.state, mesh)
         history, states = [], []
         for batch in self.batches:
             state, metrics = step(state, parallel.shard_batch(batch, mesh), table)
