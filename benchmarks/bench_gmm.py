@@ -29,7 +29,6 @@ Run: ``python benchmarks/bench_gmm.py [--quick] [--out DIR]``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import pathlib
@@ -43,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import block, machine_info, save_json, time_call  # noqa: E402
+from benchmarks.common import bench_main, block, machine_info, time_call  # noqa: E402
 from emc2jax import gmm  # noqa: E402
 
 SEEDS = 64
@@ -98,9 +97,18 @@ def _compile(fn, *args) -> tuple[Any, float]:
 
 
 def measure(
-    *, seeds: int, steps: int, batch: int, repeats: int, impl: str | None = None
+    *,
+    seeds: int,
+    steps: int,
+    batch: int,
+    repeats: int,
+    draw_cost: dict[str, float],
+    impl: str | None = None,
 ) -> dict[str, Any]:
-    """One row: loop vs vmapped for one batch size (and PRNG), compile times apart."""
+    """One row: loop vs vmapped for one batch size (and PRNG), compile times apart.
+
+    ``draw_cost`` is :func:`draw_cost_ns` for ``impl`` (measured once per run).
+    """
     fn = functools.partial(training, steps=steps, batch=batch)
     keys = gmm.seed_keys(0, seeds, impl=impl)
     single, compile_single_s = _compile(fn, keys[0])
@@ -116,12 +124,11 @@ def measure(
     # The floor: a vmapped sweep must at least draw its random numbers
     # (2 * batch * d normals and 3 * batch uniforms per seed and step), so
     # loop time / that floor bounds the speedup any implementation can reach.
-    cost = draw_cost_ns(impl=impl)
     floor_s = (
         seeds
         * steps
         * 1e-9
-        * (2 * batch * DIM * cost["normal_ns"] + 3 * batch * cost["uniform_ns"])
+        * (2 * batch * DIM * draw_cost["normal_ns"] + 3 * batch * draw_cost["uniform_ns"])
     )
     looped = block(loop())
     swept = block(vmapped(keys))
@@ -141,7 +148,7 @@ def measure(
         "compile_vmapped_s": compile_vmapped_s,
         # Share of the vmapped sweep spent drawing its random numbers (threefry on CPU).
         "random_draws_share_of_vmapped": draws_t["median_s"] / vmap_t["median_s"],
-        "draw_cost_ns": cost,
+        "draw_cost_ns": draw_cost,
         "random_draws_floor_s": floor_s,
         "speedup_bound": loop_t["median_s"] / floor_s,
         "max_abs_diff": max_abs_diff,
@@ -155,7 +162,10 @@ def run(quick: bool) -> dict[str, Any]:
     steps = 5 if tiny else 200 if quick else 500
     batches = (16,) if tiny else BATCHES
     repeats = 1 if tiny else 3 if quick else 5
-    rows = [measure(seeds=seeds, steps=steps, batch=b, repeats=repeats) for b in batches]
+    cost = draw_cost_ns()
+    rows = [
+        measure(seeds=seeds, steps=steps, batch=b, repeats=repeats, draw_cost=cost) for b in batches
+    ]
     headline = next(r for r in rows if r["batch"] == (batches[0] if tiny else HEADLINE_BATCH))
     return {
         "gmm_vmap_speedup_vs_loop": headline["speedup"],
@@ -172,12 +182,8 @@ def run(quick: bool) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=pathlib.Path, default=None)
-    args = parser.parse_args()
-    result = run(quick=args.quick)
+def summarize(result: dict[str, Any]) -> None:
+    """Prints the figures of :func:`run`."""
     for row in result["rows"]:
         print(
             f"{result['seeds']} seeds x {result['steps']} steps, batch {row['batch']:4d} "
@@ -194,9 +200,7 @@ def main() -> None:
         f"gmm_vmap_speedup_vs_loop (batch {result['headline_batch']}): "
         f"{result['gmm_vmap_speedup_vs_loop']:.1f}"
     )
-    if args.out is not None:
-        save_json(args.out / "bench_gmm.json", result)
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run, summarize, "bench_gmm")

@@ -30,7 +30,6 @@ Run: ``python benchmarks/bench_sampler.py [--quick] [--out DIR]``.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import pathlib
@@ -45,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import block, machine_info, save_json, time_call  # noqa: E402
+from benchmarks.common import bench_main, block, machine_info, time_call  # noqa: E402
 from emc2jax.samplers import emc2  # noqa: E402
 
 NUM_VIEWS = 2
@@ -330,12 +329,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=pathlib.Path, default=None)
-    args = parser.parse_args()
-    result = run(quick=args.quick)
+def summarize(result: dict[str, Any]) -> None:
+    """Prints the figures of :func:`run`."""
     for row in result["rows"]:
         print(
             f"B={row['batch_size']:5d}  jax {1e3 * row['jax_s']:8.2f} ms   "
@@ -345,9 +340,7 @@ def main() -> None:
     print(f"mh_sweep_speedup_vs_numpy_loop (B=256): {result['mh_sweep_speedup_vs_numpy_loop']:.2f}")
     print(f"sweep_share_of_train_step: {result['sweep_share_of_train_step']:.3f}")
     print(f"fastest sweep options: {result['sweep_options']['fastest']}")
-    if args.out is not None:
-        save_json(args.out / "bench_sampler.json", result)
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run, summarize, "bench_sampler")

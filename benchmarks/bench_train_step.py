@@ -39,7 +39,6 @@ Run: ``python benchmarks/bench_train_step.py [--quick] [--out DIR]``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -62,7 +61,7 @@ from jax import lax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import block, machine_info, save_json  # noqa: E402
+from benchmarks.common import bench_main, block, machine_info  # noqa: E402
 from emc2jax import config as config_lib  # noqa: E402
 from emc2jax import methods, parallel, train  # noqa: E402
 from emc2jax.samplers import emc2  # noqa: E402
@@ -772,12 +771,8 @@ def emc2_step_seconds(batch_size: int = 256, *, rounds: int = 3) -> float:
     return compare([runner], rounds=rounds)["emc2"]["median_s"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=pathlib.Path, default=None)
-    args = parser.parse_args()
-    result = run(quick=args.quick)
+def summarize(result: dict[str, Any]) -> None:
+    """Prints the figures of :func:`run`."""
     for key in (
         "emc2_over_simclr_step_time",
         "emc2_over_simclr_step_time_wall",
@@ -788,9 +783,7 @@ def main() -> None:
     ):
         print(f"{key}: {result[key]}")
     print("dataset_scaling largest/smallest:", result["dataset_scaling"]["largest_over_smallest"])
-    if args.out is not None:
-        save_json(args.out / "bench_train_step.json", result)
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run, summarize, "bench_train_step")

@@ -6,6 +6,7 @@ same process, because the machines are shared and absolute times drift.
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import platform
@@ -63,3 +64,24 @@ def save_json(path: pathlib.Path, payload: dict[str, Any]) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def bench_main(
+    doc: str,
+    run: Callable[[bool], dict[str, Any]],
+    summarize: Callable[[dict[str, Any]], None],
+    name: str,
+) -> None:
+    """The command line of a ``bench_<name>.py`` script: ``[--quick] [--out DIR]``.
+
+    Runs ``run(quick)``, prints ``summarize(result)`` and, with ``--out``,
+    saves the result as ``DIR/<name>.json``.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    result = run(args.quick)
+    summarize(result)
+    if args.out is not None:
+        save_json(args.out / f"{name}.json", result)

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from emc2jax import checkpoint, optim, train
+from emc2jax import checkpoint, train
 from emc2jax.data import sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -84,17 +84,7 @@ def abstract_state(config: ml_collections.ConfigDict):
         config.dataset.name, config.dataset.train_split, data_dir=config.dataset.data_dir
     )
     image_shape = tuple(np.asarray(source[0]["image"]).shape)
-    model, params, model_state = train.build_model(config, image_shape)
-    optimizer, _ = optim.make_optimizer(config.optimizer, total_steps=config.total_steps)
-    return train.create_state(
-        config,
-        model=model,
-        params=params,
-        model_state=model_state,
-        optimizer=optimizer,
-        num_examples=len(source),
-        image_shape=image_shape,
-    )
+    return train.build_trainer(config, image_shape=image_shape, num_examples=len(source)).state
 
 
 def restore(workdir: pathlib.Path, config, step: int | None = None):
